@@ -1,0 +1,1 @@
+"""placeholder package init; replaced by its module docstring"""
