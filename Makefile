@@ -1,0 +1,10 @@
+.PHONY: run test bench
+# Set up .venv and start the daemon on its embedded defaults.
+run:
+	bash scripts/run.sh
+# Set up .venv and run the whole test suite (ruff, mypy --strict, pytest).
+test:
+	bash scripts/test.sh
+# Run every benchmark in bench/ and print the tables.
+bench:
+	bash scripts/bench.sh

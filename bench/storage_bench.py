@@ -1,0 +1,179 @@
+"""Storage engine benchmark (issue 2): durability at speed.
+
+Prints, in one run:
+
+* the physical floor: raw ``write + fdatasync`` of 1 KB records per second;
+* acknowledged writes/s of ``Engine.add`` (1 KB text) with 1, 16 and 64
+  concurrent writer threads, with p50/p99 acknowledge latency;
+* recovery time after a power loss of a store holding N records of which M
+  were written after the last checkpoint (LMDB rolls back to the checkpoint,
+  the M records are replayed from the WAL).
+
+Sizes come from the environment so CI-sized smoke runs stay short:
+``BENCH_WRITES`` (writes per concurrency level, default 20000),
+``BENCH_RECOVERY_RECORDS`` (default 1000000), ``BENCH_RECOVERY_WAL`` (default
+100000), ``BENCH_REPEATS`` (default 3, the median is reported).
+
+Run: ``.venv/bin/python bench/storage_bench.py``
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from memosd.engine import Engine, EngineSettings
+
+# Tables go to stdout; logs to stderr.
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+WRITES = int(os.environ.get("BENCH_WRITES", "20000"))
+RECOVERY_RECORDS = int(os.environ.get("BENCH_RECOVERY_RECORDS", "1000000"))
+RECOVERY_WAL = int(os.environ.get("BENCH_RECOVERY_WAL", "100000"))
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+TEXT = "m" * 1000
+
+
+def raw_fdatasync_rate(directory: Path, n: int = 3000) -> float:
+    path = directory / "raw.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    buf = b"x" * 1024
+    try:
+        start = time.perf_counter()
+        for _ in range(n):
+            os.write(fd, buf)
+            os.fdatasync(fd)
+        return n / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def engine_rate(directory: Path, writers: int, total: int) -> tuple[float, float, float]:
+    per_writer = max(1, total // writers)
+    latencies: list[list[float]] = [[] for _ in range(writers)]
+    settings = EngineSettings(checkpoint_interval_s=3600, checkpoint_wal_bytes=1 << 40)
+    with Engine.open(directory, settings=settings) as engine:
+        engine.create_cube("bench", owner="uid:0")
+        barrier = threading.Barrier(writers + 1)
+
+        def work(slot: int) -> None:
+            lat = latencies[slot]
+            barrier.wait()
+            for _ in range(per_writer):
+                t0 = time.perf_counter()
+                engine.add("bench", TEXT)
+                lat.append(time.perf_counter() - t0)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(writers)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+    flat = sorted(x for lat in latencies for x in lat)
+    p50 = flat[len(flat) // 2] * 1e3
+    p99 = flat[min(len(flat) - 1, int(len(flat) * 0.99))] * 1e3
+    return len(flat) / elapsed, p50, p99
+
+
+def recovery_time(directory: Path) -> tuple[float, int]:
+    """Populate in a child process, SIGKILL it, time the recovery here."""
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--populate", str(directory)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    line = child.stdout.readline().split()
+    assert line, "populate child printed nothing"
+    assert line[0] == "populated", line
+    wal_records = int(line[1])
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    settings = EngineSettings(checkpoint_interval_s=3600, checkpoint_wal_bytes=1 << 40)
+    # kill -9 leaves LMDB's page cache intact, so nothing would be replayed.
+    # Reopen as after a power loss (another boot id): LMDB rolls back to the
+    # checkpoint and every record after it is replayed from the WAL.
+    start = time.perf_counter()
+    with Engine.open(directory, settings=settings, boot_id="after-power-loss") as engine:
+        elapsed = time.perf_counter() - start
+        replayed = int(engine.recovery["replayed_records"])
+    assert replayed == wal_records, (replayed, wal_records)
+    return elapsed, replayed
+
+
+def populate(directory: Path) -> None:
+    settings = EngineSettings(checkpoint_interval_s=3600, checkpoint_wal_bytes=1 << 40)
+    engine = Engine.open(directory, settings=settings)
+    engine.create_cube("bench", owner="uid:0")
+    _bulk_add(engine, RECOVERY_RECORDS - RECOVERY_WAL)
+    engine.checkpoint()
+    _bulk_add(engine, RECOVERY_WAL)
+    status = engine.status()
+    print("populated", status["last_lsn"] - status["checkpoint_lsn"], flush=True)
+    threading.Event().wait()  # until SIGKILL: no clean shutdown
+
+
+def _bulk_add(engine: Engine, n: int) -> None:
+    def work(count: int) -> None:
+        for _ in range(count):
+            engine.add("bench", TEXT[:200])
+
+    threads = [threading.Thread(target=work, args=(n // 64 + (i < n % 64),)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--populate":
+        populate(Path(sys.argv[2]))
+        return 0
+    base = Path(
+        os.environ.get("BENCH_DIR", tempfile.mkdtemp(prefix="memosd-bench-", dir="/var/tmp"))
+    )
+    rows: list[tuple[str, str]] = []
+    raw = statistics.median(raw_fdatasync_rate(base) for _ in range(REPEATS))
+    rows.append(("raw write+fdatasync 1 KB (floor)", f"{raw:,.0f} /s"))
+    for writers in (1, 16, 64):
+        runs = []
+        for r in range(REPEATS):
+            d = base / f"w{writers}-{r}"
+            total = WRITES if writers > 1 else min(WRITES, 5000)
+            runs.append(engine_rate(d, writers, total))
+        rate = statistics.median(x[0] for x in runs)
+        p50 = statistics.median(x[1] for x in runs)
+        p99 = statistics.median(x[2] for x in runs)
+        ratio = f" ({raw / rate:.2f}x of floor)" if writers == 1 else ""
+        rows.append((f"acked adds, {writers} writers", f"{rate:,.0f} /s{ratio}"))
+        rows.append((f"  ack latency p50 / p99, {writers} writers", f"{p50:.2f} / {p99:.2f} ms"))
+    elapsed, replayed = recovery_time(base / "recovery")
+    rows.append(
+        (
+            f"recovery: {RECOVERY_RECORDS:,} records, {replayed:,} in WAL only",
+            f"{elapsed:.2f} s",
+        )
+    )
+    width = max(len(k) for k, _ in rows)
+    print(f"{'measure':<{width}}  value")
+    print("-" * (width + 30))
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,992 @@
+"""The storage engine: WAL + LMDB behind one thread-safe API.
+
+Write path (leader/follower group commit, one batch at a time)::
+
+    caller threads           the leader (one of the callers, see
+    ──────────────           memosd.store.group_commit)
+    submit(op) ──queue──▶    take every queued op (up to max_batch)
+                             open one LMDB write txn
+                             for each op: plan it against the txn (reads only,
+                               may fail alone) → mutations → apply to the txn
+                             WAL.append_batch(all mutations)   ← one fdatasync
+                             commit the LMDB txn (no fsync: the WAL covers it)
+    submit() returns ◀──     resolve every op, notify listeners, hand over
+
+A write is acknowledged only once its WAL record is durable *and* applied to
+LMDB, so a reader never sees a write that a power loss could take back, and a
+writer always reads its own acknowledged writes.  See ``memosd.store`` for
+why relaxed LMDB sync is still safe on power loss, and ``memosd.wal`` for the
+log format.
+
+Read path: any thread opens an LMDB read transaction; no writer lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import lmdb
+import structlog
+
+from memosd.errors import (
+    BadRequest,
+    Conflict,
+    DiskFullError,
+    MemosError,
+    NotFound,
+    StorageError,
+    TooLarge,
+    Unavailable,
+    WalFailedError,
+)
+from memosd.memcube import versioning
+from memosd.memcube.ids import MonotonicIdFactory
+from memosd.memcube.model import (
+    CubeConfig,
+    MemCube,
+    MemoryItem,
+    Operation,
+    PurgeRecord,
+    Status,
+    Usage,
+    new_cube,
+    validate_cube_name,
+)
+from memosd.store.group_commit import GroupCommitter, Submission
+from memosd.store.lmdb_env import LmdbEnv
+from memosd.store.records import (
+    CubeDrop,
+    CubePut,
+    GrantSet,
+    ItemPurge,
+    ItemPut,
+    Mutation,
+    TokenDelete,
+    TokenPut,
+    decode_mutation,
+    encode_mutation,
+)
+from memosd.store.view import StoreView, TokenRecord
+from memosd.wal import WriteAheadLog
+from memosd.wal.fileio import FileIO
+
+__all__ = [
+    "ChangeEvent",
+    "CubeExport",
+    "Engine",
+    "EngineSettings",
+    "TokenRecord",
+]
+
+_GRANT_LEVELS: Final = ("read", "write")
+_REPLAY_TXN_RECORDS: Final = 2048
+_log = structlog.get_logger("memosd.engine")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    wal_segment_bytes: int = 64 * 2**20
+    checkpoint_interval_s: float = 60.0
+    checkpoint_wal_bytes: int = 256 * 2**20
+    initial_map_size: int = 256 * 2**20
+    max_batch: int = 1024
+    max_text_bytes: int = 2**20
+    # Writes are refused (DiskFullError) while less than this is free on the
+    # data directory's volume, so LMDB and the WAL never meet ENOSPC halfway.
+    min_free_bytes: int = 64 * 2**20
+    usage_flush_interval_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    kind: str
+    cube: str | None
+    item_id: str | None
+    version: int | None
+    lsn: int
+    operation: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CubeExport:
+    cube: MemCube
+    grants: dict[str, str]
+    items: list[list[MemoryItem]]
+    purges: list[PurgeRecord]
+
+
+# A planned write: reads the current state through the view, returns its
+# result and the mutations that produce it.
+Plan = Callable[[StoreView, int], tuple[Any, list[Mutation]]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    kind: str  # "write" | "checkpoint" | "housekeeping" | "stop"
+    plan: Plan | None = None
+
+
+_Op = Submission["_Work"]
+
+
+def _wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _disk_free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+class Engine:
+    """Thread-safe storage engine over one data directory.  Use :meth:`open`."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: EngineSettings,
+        *,
+        wal_io: FileIO | None,
+        clock: Callable[[], int],
+        boot_id: str | None,
+        free_space: Callable[[], int] | None,
+        on_progress: Callable[[str], None] | None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.settings = settings
+        self._clock = clock
+        self._last_us = 0
+        self._clock_lock = threading.Lock()
+        self._ids = MonotonicIdFactory()
+        self._listeners: list[Callable[[ChangeEvent], None]] = []
+        self._free_space = free_space or (lambda: _disk_free(data_dir))
+        self._committer: GroupCommitter[_Work] = GroupCommitter(
+            self._process_batch, max_batch=settings.max_batch
+        )
+        self._stop_housekeeper = threading.Event()
+        self._usage_lock = threading.Lock()
+        self._pending_hits: dict[tuple[str, str], tuple[int, int]] = {}
+        self._failure: MemosError | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        started = time.monotonic()
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = LmdbEnv(
+            data_dir / "store", initial_map_size=settings.initial_map_size, boot_id=boot_id
+        )
+        self.wal = WriteAheadLog.open(
+            data_dir / "wal", io=wal_io, segment_bytes=settings.wal_segment_bytes
+        )
+        # Pin the current snapshot before replay writes anything (store docs).
+        applied = self.store.applied_lsn()
+        self.store.checkpoint(applied)
+        replayed = self._replay(applied, on_progress)
+        self._checkpoint_now()
+        self.recovery: dict[str, Any] = {
+            "rolled_back_lmdb_to_checkpoint": self.store.rolled_back_to_checkpoint,
+            "checkpoint_lsn": applied,
+            "replayed_records": replayed,
+            "wal": _asdict(self.wal.recovery),
+            "last_lsn": self.wal.last_lsn,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        _log.info("recovery complete", **self.recovery)
+        self._last_checkpoint_time = time.monotonic()
+        self._next_housekeeping = 0.0
+        self._wal_bytes_since_checkpoint = 0
+        self._housekeeper = threading.Thread(
+            target=self._housekeeper_loop, name="memosd-housekeeper", daemon=True
+        )
+        self._housekeeper.start()
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: str | os.PathLike[str],
+        *,
+        settings: EngineSettings | None = None,
+        wal_io: FileIO | None = None,
+        clock: Callable[[], int] | None = None,
+        boot_id: str | None = None,
+        free_space: Callable[[], int] | None = None,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> Engine:
+        """Open (and recover) the engine.  ``on_progress`` hears recovery milestones."""
+        return cls(
+            Path(data_dir),
+            settings or EngineSettings(),
+            wal_io=wal_io,
+            clock=clock or _wall_clock_us,
+            boot_id=boot_id,
+            free_space=free_space,
+            on_progress=on_progress,
+        )
+
+    # ------------------------------------------------------------------ recovery
+
+    def _replay(self, applied: int, on_progress: Callable[[str], None] | None) -> int:
+        replayed = 0
+        records = self.wal.replay(applied)
+        while True:
+            chunk = [r for _, r in zip(range(_REPLAY_TXN_RECORDS), records, strict=False)]
+            if not chunk:
+                return replayed
+            while True:
+                txn = self.store.begin_write()
+                try:
+                    view = StoreView(txn, self.store.dbs)
+                    for record in chunk:
+                        view.apply(decode_mutation(record.rtype, record.payload), record.payload)
+                    view.set_applied_lsn(chunk[-1].lsn)
+                except lmdb.MapFullError:
+                    txn.abort()
+                    self.store.grow_map()
+                    continue
+                except BaseException:
+                    txn.abort()
+                    raise
+                self.store.commit(txn)
+                break
+            replayed += len(chunk)
+            if on_progress is not None:
+                on_progress(f"replayed {replayed} WAL records (up to LSN {chunk[-1].lsn})")
+
+    # ------------------------------------------------------------------ writer
+
+    def _now_us(self) -> int:
+        with self._clock_lock:
+            self._last_us = max(self._clock(), self._last_us + 1)
+            return self._last_us
+
+    def _submit(self, plan: Plan) -> Any:
+        if self._closed:
+            raise Unavailable("the storage engine is closed", reason="closed")
+        if self._failure is not None:
+            raise _copy_error(self._failure)
+        return self._committer.submit(_Work("write", plan))
+
+    def _process_batch(self, batch: list[_Op]) -> None:
+        """Run one group-commit batch (in the current leader's thread)."""
+        writes = [op for op in batch if op.payload.kind == "write"]
+        if writes:
+            self._run_batch(writes)
+        for op in batch:
+            kind = op.payload.kind
+            if kind == "checkpoint":
+                self._run_checkpoint_op(op)
+            elif kind == "stop":
+                self._shutdown_writer()
+                op.resolve(None)
+        self._housekeeping()
+        for op in batch:
+            if op.payload.kind == "housekeeping":
+                op.resolve(None)
+
+    def _housekeeper_loop(self) -> None:
+        """Give idle engines their periodic usage flush and checkpoint."""
+        interval = max(
+            0.05, min(self.settings.usage_flush_interval_s, self.settings.checkpoint_interval_s)
+        )
+        while not self._stop_housekeeper.wait(interval):
+            try:
+                self._committer.submit(_Work("housekeeping"))
+            except Exception:
+                _log.exception("housekeeping failed")
+
+    def _run_batch(self, ops: list[_Op]) -> None:
+        if self._failure is not None:
+            for op in ops:
+                op.fail(_copy_error(self._failure))
+            return
+        if self._free_space() < self.settings.min_free_bytes:
+            err = DiskFullError(
+                "not enough free disk space for writes "
+                f"(need {self.settings.min_free_bytes} bytes free on {self.data_dir})"
+            )
+            for op in ops:
+                op.fail(_copy_error(err))
+            return
+        while True:
+            try:
+                self._run_batch_once(ops)
+                return
+            except lmdb.MapFullError:
+                new_size = self.store.grow_map()
+                _log.info("LMDB map grown", map_size=new_size)
+
+    def _run_batch_once(self, ops: list[_Op]) -> None:
+        txn = self.store.begin_write()
+        view = StoreView(txn, self.store.dbs)
+        outcomes: list[tuple[_Op, Any, list[Mutation]]] = []
+        records: list[tuple[int, bytes]] = []
+        try:
+            for op in ops:
+                plan = op.payload.plan
+                assert plan is not None
+                try:
+                    result, mutations = plan(view, self._now_us())
+                except MemosError as exc:
+                    outcomes.append((op, exc, []))
+                    continue
+                except lmdb.MapFullError:
+                    raise
+                except Exception as exc:  # a bug in a plan must not kill the writer
+                    _log.exception("write plan failed")
+                    outcomes.append(
+                        (op, StorageError(f"write failed: {exc}", reason="internal"), [])
+                    )
+                    continue
+                for mutation in mutations:
+                    record = encode_mutation(mutation)
+                    view.apply(mutation, record[1])
+                    records.append(record)
+                outcomes.append((op, result, mutations))
+            if not records:
+                txn.abort()
+                self._resolve(outcomes, [])
+                return
+            try:
+                lsns = self.wal.append_batch(records)
+                self._wal_bytes_since_checkpoint += sum(len(p) + 17 for _, p in records)
+            except (WalFailedError, DiskFullError) as exc:
+                txn.abort()
+                self._poison(exc)
+                for op, _, _ in outcomes:
+                    op.fail(_copy_error(exc))
+                return
+            view.set_applied_lsn(lsns[-1])
+        except BaseException:
+            txn.abort()
+            raise
+        try:
+            self._commit_logged(txn, [m for _, _, ms in outcomes for m in ms], lsns[-1])
+        except MemosError as exc:
+            # The batch is durable in the WAL (acknowledged below); LMDB could
+            # not take it.  Stop serving writes; recovery will apply it.
+            self._poison(exc)
+        self._resolve(outcomes, lsns)
+
+    def _commit_logged(
+        self, txn: lmdb.Transaction, mutations: list[Mutation], last_lsn: int
+    ) -> None:
+        """Commit a batch that is already durable in the WAL.
+
+        A commit can still hit the map limit (LMDB allocates pages for its
+        free list at commit).  The batch must not be lost or re-planned: grow
+        the map and apply the same logged mutations again.
+        """
+        try:
+            self.store.commit(txn)
+        except lmdb.MapFullError:
+            while True:
+                self.store.grow_map()
+                txn = self.store.begin_write()
+                try:
+                    view = StoreView(txn, self.store.dbs)
+                    for mutation in mutations:
+                        view.apply(mutation)
+                    view.set_applied_lsn(last_lsn)
+                    self.store.commit(txn)
+                    return
+                except lmdb.MapFullError:
+                    continue
+                finally:
+                    # commit() consumed the txn on success; abort is a no-op then.
+                    txn.abort()
+        if self.store.needs_headroom():
+            new_size = self.store.grow_map()
+            _log.info("LMDB map grown", map_size=new_size)
+
+    def _resolve(
+        self, outcomes: list[tuple[_Op, Any, list[Mutation]]], lsns: Sequence[int]
+    ) -> None:
+        events: list[ChangeEvent] = []
+        lsn_iter = iter(lsns)
+        for op, result, mutations in outcomes:
+            for mutation in mutations:
+                events.append(_event_for(mutation, next(lsn_iter)))
+            if isinstance(result, MemosError):
+                op.fail(result)
+            else:
+                op.resolve(result)
+        for event in events:
+            for listener in list(self._listeners):
+                try:
+                    listener(event)
+                except Exception:
+                    _log.exception("change listener failed", kind=event.kind)
+
+    def _poison(self, exc: MemosError) -> None:
+        if self._failure is None:
+            self._failure = exc
+            _log.error(
+                "storage failed; refusing further writes until restart",
+                error=str(exc),
+                reason=exc.reason,
+            )
+
+    # ------------------------------------------------------------------ checkpoints & usage
+
+    def _housekeeping(self) -> None:
+        """Flush usage and checkpoint when due; cheap enough to call per batch."""
+        if self._failure is not None:
+            return
+        now = time.monotonic()
+        wal_due = self._wal_bytes_since_checkpoint >= self.settings.checkpoint_wal_bytes
+        if now < self._next_housekeeping and not wal_due:
+            return
+        self._next_housekeeping = now + min(
+            self.settings.usage_flush_interval_s, self.settings.checkpoint_interval_s
+        )
+        self._flush_usage()
+        time_due = now - self._last_checkpoint_time >= self.settings.checkpoint_interval_s
+        if (time_due or wal_due) and self._checkpoint_needed():
+            self._checkpoint_guarded()
+
+    def _checkpoint_needed(self) -> bool:
+        last = self.store.last_checkpoint
+        return (
+            last is None
+            or last.applied_lsn != self.wal.last_lsn
+            or len(self.wal.segment_paths()) > 1
+        )
+
+    def _checkpoint_guarded(self) -> dict[str, Any]:
+        try:
+            return self._checkpoint_now()
+        except MemosError as exc:
+            _log.error("checkpoint failed", error=str(exc), reason=exc.reason)
+            raise
+
+    def _checkpoint_now(self, *, clean: bool = False) -> dict[str, Any]:
+        applied = self.store.applied_lsn()
+        state = self.store.checkpoint(applied, clean_shutdown=clean)
+        removed = self.wal.checkpoint(applied)
+        self._last_checkpoint_time = time.monotonic()
+        self._wal_bytes_since_checkpoint = 0
+        return {"applied_lsn": applied, "lmdb_txnid": state.txnid, "wal_segments_removed": removed}
+
+    def _run_checkpoint_op(self, op: _Op) -> None:
+        if self._failure is not None:
+            op.fail(_copy_error(self._failure))
+            return
+        try:
+            self._flush_usage()
+            op.resolve(self._checkpoint_guarded())
+        except MemosError as exc:
+            op.fail(exc)
+
+    def _flush_usage(self) -> None:
+        with self._usage_lock:
+            pending, self._pending_hits = self._pending_hits, {}
+        if not pending:
+            return
+        while True:
+            txn = self.store.begin_write()
+            try:
+                view = StoreView(txn, self.store.dbs)
+                for (cube, item_id), (hits, last_us) in pending.items():
+                    if view.latest_version(cube, item_id) is None:
+                        continue
+                    old = view.usage(cube, item_id) or Usage()
+                    view.put_usage(
+                        cube,
+                        item_id,
+                        Usage(hits=old.hits + hits, last_hit_us=last_us, heat=old.heat),
+                    )
+            except lmdb.MapFullError:
+                txn.abort()
+                self.store.grow_map()
+                continue
+            except BaseException:
+                txn.abort()
+                raise
+            self.store.commit(txn)
+            return
+
+    def _wal_bytes(self) -> int:
+        total = 0
+        for path in self.wal.segment_paths():
+            with contextlib.suppress(OSError):  # removed by a concurrent checkpoint
+                total += os.path.getsize(path)
+        return total
+
+    def _shutdown_writer(self) -> None:
+        if self._failure is None:
+            try:
+                self._flush_usage()
+                self._checkpoint_now(clean=True)
+            except MemosError as exc:
+                _log.error("final checkpoint failed", error=str(exc))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def healthy(self) -> bool:
+        return self._failure is None and not self._closed
+
+    @property
+    def failure(self) -> MemosError | None:
+        return self._failure
+
+    def close(self) -> None:
+        """Flush, checkpoint (marked clean), close.  Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop_housekeeper.set()
+        self._housekeeper.join()
+        self._committer.submit(_Work("stop"))
+        self.wal.close()
+        self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_listener(self, callback: Callable[[ChangeEvent], None]) -> None:
+        self._listeners.append(callback)
+
+    # ------------------------------------------------------------------ reads
+
+    def _read(self, fn: Callable[[StoreView], T]) -> T:
+        if self._closed:
+            raise Unavailable("the storage engine is closed", reason="closed")
+        with self.store.read() as txn:
+            return fn(StoreView(txn, self.store.dbs))
+
+    def get_cube(self, name: str) -> MemCube:
+        return self._read(lambda v: _require_cube(v, name))
+
+    def list_cubes(self) -> list[MemCube]:
+        return self._read(lambda v: v.cubes())
+
+    def get(
+        self, cube: str, item_id: str, *, version: int | None = None, as_of_us: int | None = None
+    ) -> MemoryItem:
+        def read(view: StoreView) -> MemoryItem:
+            _require_cube(view, cube)
+            if version is not None:
+                item = view.version(cube, item_id, version)
+                if item is None:
+                    raise NotFound(f"item {item_id} has no version {version} in cube {cube!r}")
+                return item
+            if as_of_us is not None:
+                found = versioning.as_of(view.history(cube, item_id), as_of_us)
+                if found is None:
+                    raise NotFound(f"item {item_id} did not exist at {as_of_us} in cube {cube!r}")
+                return found
+            item = view.latest(cube, item_id)
+            if item is None:
+                raise _item_not_found(view, cube, item_id)
+            if item.status == Status.DELETED:
+                raise NotFound(f"item {item_id} was deleted", reason="deleted")
+            return item
+
+        return self._read(read)
+
+    def history(self, cube: str, item_id: str) -> list[MemoryItem]:
+        def read(view: StoreView) -> list[MemoryItem]:
+            _require_cube(view, cube)
+            versions = view.history(cube, item_id)
+            if not versions:
+                raise _item_not_found(view, cube, item_id)
+            return versions
+
+        return self._read(read)
+
+    def list_items(
+        self,
+        cube: str,
+        *,
+        status: str | None = "active",
+        tier: str | None = None,
+        form: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[MemoryItem]:
+        if limit < 0:
+            raise BadRequest("limit must be >= 0")
+
+        def read(view: StoreView) -> list[MemoryItem]:
+            _require_cube(view, cube)
+            out: list[MemoryItem] = []
+            for item in view.iter_latest(cube, after):
+                if len(out) >= limit:
+                    break
+                if status is not None and item.status != status:
+                    continue
+                if tier is not None and item.tier != tier:
+                    continue
+                if form is not None and item.form != form:
+                    continue
+                out.append(item)
+            return out
+
+        return self._read(read)
+
+    def count_items(self, cube: str) -> dict[str, int]:
+        def read(view: StoreView) -> dict[str, int]:
+            _require_cube(view, cube)
+            counts = {str(s): 0 for s in Status}
+            for item in view.iter_latest(cube):
+                counts[item.status] = counts.get(item.status, 0) + 1
+            return counts
+
+        return self._read(read)
+
+    def purges(self, cube: str) -> list[PurgeRecord]:
+        return self._read(lambda v: (_require_cube(v, cube), v.purges(cube))[1])
+
+    def grants(self, cube: str) -> dict[str, str]:
+        return self._read(lambda v: (_require_cube(v, cube), v.grants(cube))[1])
+
+    def tokens(self) -> list[TokenRecord]:
+        return self._read(lambda v: v.tokens())
+
+    def token_by_hash(self, token_hash: bytes) -> TokenRecord | None:
+        return self._read(lambda v: v.token_by_hash(token_hash))
+
+    def export_cube(self, name: str) -> CubeExport:
+        def read(view: StoreView) -> CubeExport:
+            cube = _require_cube(view, name)
+            items = [view.history(name, it.id) for it in view.iter_latest(name)]
+            return CubeExport(cube, view.grants(name), items, view.purges(name))
+
+        return self._read(read)
+
+    def status(self) -> dict[str, Any]:
+        last = self.store.last_checkpoint
+        return {
+            "data_dir": str(self.data_dir),
+            "healthy": self.healthy,
+            "failure": None if self._failure is None else self._failure.to_wire(),
+            "last_lsn": self.wal.last_lsn,
+            "durable_lsn": self.wal.durable_lsn,
+            "applied_lsn": self.store.applied_lsn(),
+            "checkpoint_lsn": None if last is None else last.applied_lsn,
+            "wal_segments": len(self.wal.segment_paths()),
+            "wal_bytes": self._wal_bytes(),
+            "lmdb_map_size": self.store.map_size,
+            "cubes": len(self.list_cubes()),
+            "recovery": self.recovery,
+        }
+
+    def verify_wal(self) -> dict[str, Any]:
+        return _asdict(self.wal.verify())
+
+    # ------------------------------------------------------------------ writes
+
+    def checkpoint(self) -> dict[str, Any]:
+        if self._failure is not None:
+            raise _copy_error(self._failure)
+        result: dict[str, Any] = self._committer.submit(_Work("checkpoint"))
+        return result
+
+    def create_cube(
+        self,
+        name: str,
+        *,
+        owner: str,
+        config: CubeConfig | None = None,
+        actor: str | None = None,
+    ) -> MemCube:
+        validate_cube_name(name)
+
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            if view.cube(name) is not None:
+                raise Conflict(f"cube {name!r} already exists")
+            cube = new_cube(name, owner=owner, now_us=now, config=config)
+            return cube, [CubePut(cube)]
+
+        result: MemCube = self._submit(plan)
+        return result
+
+    def drop_cube(self, name: str, *, actor: str | None = None) -> int:
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            _require_cube(view, name)
+            return sum(1 for _ in view.iter_latest(name)), [CubeDrop(name)]
+
+        result: int = self._submit(plan)
+        return result
+
+    def add(
+        self,
+        cube: str,
+        text: str,
+        *,
+        actor: str | None = None,
+        form: str = "plaintext",
+        tier: str = "short",
+        tags: Iterable[str] = (),
+        source: str | None = None,
+        session: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        payload: dict[str, Any] | None = None,
+        importance: float = 0.5,
+        ttl_s: int | None = None,
+        valid_from_us: int | None = None,
+        valid_to_us: int | None = None,
+        parents: Sequence[tuple[str, int]] = (),
+    ) -> MemoryItem:
+        self._check_text(text)
+        tag_tuple = tuple(tags)
+
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            _require_cube_exists(view, cube)
+            item = versioning.new_item(
+                id=self._ids(now),
+                cube=cube,
+                text=text,
+                now_us=now,
+                form=form,
+                tier=tier,
+                actor=actor,
+                source=source,
+                session=session,
+                parents=tuple(parents),
+                tags=tag_tuple,
+                metadata=metadata,
+                payload=payload,
+                importance=importance,
+                ttl_s=ttl_s,
+                valid_from_us=valid_from_us,
+                valid_to_us=valid_to_us,
+            )
+            return item, [ItemPut(item)]
+
+        result: MemoryItem = self._submit(plan)
+        return result
+
+    def update(
+        self,
+        cube: str,
+        item_id: str,
+        *,
+        actor: str | None = None,
+        expected_version: int | None = None,
+        operation: str = "update",
+        **changes: Any,
+    ) -> MemoryItem:
+        unknown = set(changes) - set(versioning.REVISABLE_FIELDS)
+        if unknown:
+            raise BadRequest(f"cannot update field(s) {sorted(unknown)}")
+        if changes.get("text", versioning.NOT_GIVEN) is not versioning.NOT_GIVEN:
+            self._check_text(changes["text"])
+        try:
+            op = Operation(operation)
+        except ValueError:
+            raise BadRequest(f"unknown operation {operation!r}") from None
+
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            current = _require_item(view, cube, item_id)
+            item = versioning.revise(
+                current,
+                now_us=now,
+                actor=actor,
+                operation=op,
+                expected_version=expected_version,
+                **changes,
+            )
+            return item, [ItemPut(item)]
+
+        result: MemoryItem = self._submit(plan)
+        return result
+
+    def rollback(
+        self, cube: str, item_id: str, version: int, *, actor: str | None = None
+    ) -> MemoryItem:
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            _require_item(view, cube, item_id)
+            item = versioning.rollback(
+                view.history(cube, item_id), version, now_us=now, actor=actor
+            )
+            return item, [ItemPut(item)]
+
+        result: MemoryItem = self._submit(plan)
+        return result
+
+    def delete(self, cube: str, item_id: str, *, actor: str | None = None) -> MemoryItem:
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            current = _require_item(view, cube, item_id)
+            item = versioning.tombstone(current, now_us=now, actor=actor)
+            return item, [ItemPut(item)]
+
+        result: MemoryItem = self._submit(plan)
+        return result
+
+    def purge(
+        self, cube: str, item_id: str, *, actor: str | None = None, reason: str | None = None
+    ) -> PurgeRecord:
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            _require_cube(view, cube)
+            versions = view.history(cube, item_id)
+            if not versions:
+                raise _item_not_found(view, cube, item_id)
+            record = PurgeRecord(
+                cube=cube,
+                id=item_id,
+                versions=len(versions),
+                purged_us=now,
+                actor=actor,
+                reason=reason,
+            )
+            return record, [ItemPurge(record)]
+
+        result: PurgeRecord = self._submit(plan)
+        return result
+
+    def set_grant(
+        self, cube: str, principal: str, level: str | None, *, actor: str | None = None
+    ) -> None:
+        if level is not None and level not in _GRANT_LEVELS:
+            raise BadRequest(f"grant level must be one of {_GRANT_LEVELS}, not {level!r}")
+        if not principal or "\x00" in principal:
+            raise BadRequest("principal must be a non-empty string without NUL")
+
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            _require_cube(view, cube)
+            return None, [GrantSet(cube, principal, level)]
+
+        self._submit(plan)
+
+    def put_token(
+        self, name: str, *, token_hash: bytes, principal: str, actor: str | None = None
+    ) -> None:
+        if not name or "\x00" in name or len(name) > 128:
+            raise BadRequest("token name must be 1-128 characters without NUL")
+        if len(token_hash) != 32:
+            raise BadRequest("token_hash must be a 32-byte sha256 digest")
+
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            if view.token(name) is not None:
+                raise Conflict(f"token {name!r} already exists")
+            return None, [TokenPut(name, principal, token_hash, now)]
+
+        self._submit(plan)
+
+    def delete_token(self, name: str, *, actor: str | None = None) -> None:
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            if view.token(name) is None:
+                raise NotFound(f"no token named {name!r}")
+            return None, [TokenDelete(name)]
+
+        self._submit(plan)
+
+    def import_cube(
+        self,
+        export: CubeExport,
+        *,
+        name: str | None = None,
+        owner: str | None = None,
+        actor: str | None = None,
+    ) -> MemCube:
+        target = name or export.cube.name
+        validate_cube_name(target)
+
+        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
+            if view.cube(target) is not None:
+                raise Conflict(f"cube {target!r} already exists")
+            cube = replace(export.cube, name=target, owner=owner or export.cube.owner)
+            mutations: list[Mutation] = [CubePut(cube)]
+            for versions in export.items:
+                for item in versions:
+                    mutations.append(ItemPut(replace(item, cube=target, usage=Usage())))
+            for record in export.purges:
+                mutations.append(ItemPurge(replace(record, cube=target)))
+            for principal, level in export.grants.items():
+                mutations.append(GrantSet(target, principal, level))
+            return cube, mutations
+
+        result: MemCube = self._submit(plan)
+        return result
+
+    def record_hits(self, cube: str, item_ids: Iterable[str], *, now_us: int | None = None) -> None:
+        """Count search hits; flushed to LMDB in batches, never one WAL record per hit."""
+        at = now_us if now_us is not None else self._clock()
+        with self._usage_lock:
+            for item_id in item_ids:
+                hits, _ = self._pending_hits.get((cube, item_id), (0, at))
+                self._pending_hits[(cube, item_id)] = (hits + 1, at)
+
+    def _check_text(self, text: object) -> None:
+        if not isinstance(text, str):
+            raise BadRequest("text must be a string")
+        if len(text.encode()) > self.settings.max_text_bytes:
+            raise TooLarge(f"text is larger than max_text_bytes={self.settings.max_text_bytes}")
+
+
+def _require_cube_exists(view: StoreView, name: str) -> None:
+    if not view.has_cube(name):
+        raise NotFound(f"no cube named {name!r}")
+
+
+def _require_cube(view: StoreView, name: str) -> MemCube:
+    cube = view.cube(name)
+    if cube is None:
+        raise NotFound(f"no cube named {name!r}")
+    return cube
+
+
+def _item_not_found(view: StoreView, cube: str, item_id: str) -> NotFound:
+    if view.purge_record(cube, item_id) is not None:
+        return NotFound(f"item {item_id} was purged", reason="purged")
+    return NotFound(f"no item {item_id} in cube {cube!r}")
+
+
+def _require_item(view: StoreView, cube: str, item_id: str) -> MemoryItem:
+    _require_cube_exists(view, cube)
+    item = view.latest(cube, item_id)
+    if item is None:
+        raise _item_not_found(view, cube, item_id)
+    return item
+
+
+def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:
+    match mutation:
+        case CubePut(cube):
+            return ChangeEvent("cube_created", cube.name, None, None, lsn)
+        case CubeDrop(name):
+            return ChangeEvent("cube_dropped", name, None, None, lsn)
+        case ItemPut(item):
+            kind = "item_deleted" if item.status == Status.DELETED else "item_written"
+            return ChangeEvent(
+                kind, item.cube, item.id, item.version, lsn, item.provenance.operation
+            )
+        case ItemPurge(record):
+            return ChangeEvent("item_purged", record.cube, record.id, None, lsn, "purge")
+        case GrantSet(cube, _, _):
+            return ChangeEvent("acl_changed", cube, None, None, lsn)
+        case TokenPut() | TokenDelete():
+            return ChangeEvent("acl_changed", None, None, None, lsn)
+    raise TypeError(mutation)  # pragma: no cover
+
+
+def _copy_error(exc: MemosError) -> MemosError:
+    """A fresh instance per caller, so tracebacks do not pile up on one object."""
+    return type(exc)(exc.message, reason=exc.reason, **exc.details)
+
+
+def _asdict(obj: object) -> dict[str, Any]:
+    if hasattr(obj, "__dataclass_fields__"):
+        out: dict[str, Any] = {}
+        for name in obj.__dataclass_fields__:
+            value = getattr(obj, name)
+            out[name] = str(value) if isinstance(value, Path) else value
+        return out
+    if isinstance(obj, dict):
+        return dict(obj)
+    return {"value": str(obj)}

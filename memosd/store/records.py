@@ -1,0 +1,153 @@
+"""WAL record types of the store and their payloads (pure).
+
+Every record is one fully resolved change: ids, versions and timestamps were
+decided by the writer before logging, so applying a record twice gives the
+same state (replay is idempotent).  Payloads reuse the memcube codecs, which
+carry their own schema version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import IntEnum
+from typing import Any
+
+from memosd.errors import CodecError
+from memosd.memcube import codec
+from memosd.memcube.model import MemCube, MemoryItem, PurgeRecord, Usage
+
+__all__ = [
+    "CubeDrop",
+    "CubePut",
+    "GrantSet",
+    "ItemPurge",
+    "ItemPut",
+    "Mutation",
+    "RecordType",
+    "TokenDelete",
+    "TokenPut",
+    "decode_mutation",
+    "encode_mutation",
+]
+
+
+_NO_USAGE = Usage()
+
+
+class RecordType(IntEnum):
+    CUBE_PUT = 1
+    CUBE_DROP = 2
+    ITEM_PUT = 3
+    ITEM_PURGE = 4
+    GRANT_SET = 5
+    TOKEN_PUT = 6
+    TOKEN_DELETE = 7
+
+
+@dataclass(frozen=True, slots=True)
+class CubePut:
+    cube: MemCube
+
+
+@dataclass(frozen=True, slots=True)
+class CubeDrop:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ItemPut:
+    item: MemoryItem
+
+
+@dataclass(frozen=True, slots=True)
+class ItemPurge:
+    record: PurgeRecord
+
+
+@dataclass(frozen=True, slots=True)
+class GrantSet:
+    cube: str
+    principal: str
+    level: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPut:
+    name: str
+    principal: str
+    token_hash: bytes
+    created_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelete:
+    name: str
+
+
+Mutation = CubePut | CubeDrop | ItemPut | ItemPurge | GrantSet | TokenPut | TokenDelete
+
+
+def encode_mutation(mutation: Mutation) -> tuple[int, bytes]:
+    """The (record type, payload) pair that goes into the WAL."""
+    match mutation:
+        case CubePut(cube):
+            return RecordType.CUBE_PUT, codec.encode_cube(cube)
+        case CubeDrop(name):
+            return RecordType.CUBE_DROP, codec.packb({"name": name})
+        case ItemPut(item):
+            # Usage statistics are side data, never part of a version record.
+            if item.usage != _NO_USAGE:
+                item = replace(item, usage=_NO_USAGE)
+            return RecordType.ITEM_PUT, codec.encode_item(item, verify=False)
+        case ItemPurge(record):
+            return RecordType.ITEM_PURGE, codec.encode_purge(record)
+        case GrantSet(cube, principal, level):
+            return RecordType.GRANT_SET, codec.packb(
+                {"cube": cube, "principal": principal, "level": level}
+            )
+        case TokenPut(name, principal, token_hash, created_us):
+            return RecordType.TOKEN_PUT, codec.packb(
+                {"name": name, "principal": principal, "hash": token_hash, "created_us": created_us}
+            )
+        case TokenDelete(name):
+            return RecordType.TOKEN_DELETE, codec.packb({"name": name})
+    raise TypeError(f"not a mutation: {mutation!r}")  # pragma: no cover
+
+
+def _fields(payload: bytes, names: tuple[str, ...]) -> dict[str, Any]:
+    doc = codec.unpackb(payload)
+    if not isinstance(doc, dict) or not all(n in doc for n in names):
+        raise CodecError(f"WAL record payload lacks fields {names}")
+    return doc
+
+
+def decode_mutation(rtype: int, payload: bytes) -> Mutation:
+    """Inverse of :func:`encode_mutation`; CodecError on anything unexpected."""
+    try:
+        kind = RecordType(rtype)
+    except ValueError:
+        raise CodecError(f"unknown WAL record type {rtype}") from None
+    try:
+        if kind is RecordType.CUBE_PUT:
+            return CubePut(codec.decode_cube(payload))
+        if kind is RecordType.ITEM_PUT:
+            return ItemPut(codec.decode_item(payload))
+        if kind is RecordType.ITEM_PURGE:
+            return ItemPurge(codec.decode_purge(payload))
+        if kind is RecordType.CUBE_DROP:
+            return CubeDrop(str(_fields(payload, ("name",))["name"]))
+        if kind is RecordType.GRANT_SET:
+            doc = _fields(payload, ("cube", "principal", "level"))
+            level = doc["level"]
+            return GrantSet(
+                str(doc["cube"]), str(doc["principal"]), None if level is None else str(level)
+            )
+        if kind is RecordType.TOKEN_PUT:
+            doc = _fields(payload, ("name", "principal", "hash", "created_us"))
+            return TokenPut(
+                str(doc["name"]), str(doc["principal"]), bytes(doc["hash"]), int(doc["created_us"])
+            )
+        doc = _fields(payload, ("name",))
+        return TokenDelete(str(doc["name"]))
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"malformed WAL record of type {kind.name}: {exc}") from exc

@@ -1,0 +1,233 @@
+"""Reads and applies over one LMDB transaction (no locking, no threads).
+
+A :class:`StoreView` wraps a read or write transaction.  The engine's writer
+uses a write view both to read the current state while planning a change and
+to apply the resulting mutations, so a batch sees its own earlier changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import lmdb
+
+from memosd.memcube import codec
+from memosd.memcube.model import MemCube, MemoryItem, PurgeRecord, Usage
+from memosd.store import keys
+from memosd.store.records import (
+    CubeDrop,
+    CubePut,
+    GrantSet,
+    ItemPurge,
+    ItemPut,
+    Mutation,
+    TokenDelete,
+    TokenPut,
+    encode_mutation,
+)
+
+__all__ = ["StoreView", "TokenRecord"]
+
+_PER_ITEM_DBS = ("versions", "latest", "purges", "usage", "grants")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    name: str
+    principal: str
+    token_hash: bytes
+    created_us: int
+
+
+class StoreView:
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+        self.txn = txn
+        self.dbs = dbs
+
+    # -- meta ---------------------------------------------------------------------
+
+    def applied_lsn(self) -> int:
+        raw = self._get("meta", b"applied_lsn")
+        return 0 if raw is None else keys.unpack_u64(raw)
+
+    def set_applied_lsn(self, lsn: int) -> None:
+        self.txn.put(b"applied_lsn", keys.pack_u64(lsn), db=self.dbs["meta"])
+
+    # -- cubes --------------------------------------------------------------------
+
+    def cube(self, name: str) -> MemCube | None:
+        raw = self._get("cubes", name.encode())
+        return None if raw is None else codec.decode_cube(raw)
+
+    def has_cube(self, name: str) -> bool:
+        return self.txn.get(name.encode(), db=self.dbs["cubes"]) is not None
+
+    def cubes(self) -> list[MemCube]:
+        return [codec.decode_cube(value) for _, value in self._scan("cubes", b"")]
+
+    # -- items --------------------------------------------------------------------
+
+    def latest_version(self, cube: str, item_id: str) -> int | None:
+        raw = self._get("latest", keys.item_key(cube, item_id))
+        return None if raw is None else keys.unpack_u32(raw)
+
+    def version(self, cube: str, item_id: str, version: int) -> MemoryItem | None:
+        raw = self._get("versions", keys.version_key(cube, item_id, version))
+        return None if raw is None else self._with_usage(codec.decode_item(raw))
+
+    def latest(self, cube: str, item_id: str) -> MemoryItem | None:
+        version = self.latest_version(cube, item_id)
+        return None if version is None else self.version(cube, item_id, version)
+
+    def history(self, cube: str, item_id: str) -> list[MemoryItem]:
+        prefix = keys.version_prefix(cube, item_id)
+        out = [codec.decode_item(value) for _, value in self._scan("versions", prefix)]
+        usage = self.usage(cube, item_id)
+        return [_replace_usage(item, usage) for item in out] if usage else out
+
+    def iter_latest(self, cube: str, after: str | None = None) -> Iterator[MemoryItem]:
+        """Latest version of every item of ``cube`` in id order (ids > ``after``)."""
+        prefix = keys.cube_prefix(cube)
+        start = keys.item_key(cube, after) + b"\x00" if after else prefix
+        for key, value in self._scan("latest", prefix, start=start):
+            _, item_id = keys.split_item_key(key)
+            item = self.version(cube, item_id, keys.unpack_u32(value))
+            if item is not None:
+                yield item
+
+    def purge_record(self, cube: str, item_id: str) -> PurgeRecord | None:
+        raw = self._get("purges", keys.item_key(cube, item_id))
+        return None if raw is None else codec.decode_purge(raw)
+
+    def purges(self, cube: str) -> list[PurgeRecord]:
+        return [codec.decode_purge(v) for _, v in self._scan("purges", keys.cube_prefix(cube))]
+
+    # -- usage (side data, not versioned, not WAL-logged) --------------------------------
+
+    def usage(self, cube: str, item_id: str) -> Usage | None:
+        raw = self._get("usage", keys.item_key(cube, item_id))
+        if raw is None:
+            return None
+        hits, last_hit_us, heat = codec.unpackb(raw)
+        return Usage(hits=int(hits), last_hit_us=last_hit_us, heat=float(heat))
+
+    def put_usage(self, cube: str, item_id: str, usage: Usage) -> None:
+        self.txn.put(
+            keys.item_key(cube, item_id),
+            codec.packb([usage.hits, usage.last_hit_us, usage.heat]),
+            db=self.dbs["usage"],
+        )
+
+    def _with_usage(self, item: MemoryItem) -> MemoryItem:
+        usage = self.usage(item.cube, item.id)
+        return _replace_usage(item, usage) if usage else item
+
+    # -- access control ---------------------------------------------------------------
+
+    def grants(self, cube: str) -> dict[str, str]:
+        prefix = keys.cube_prefix(cube)
+        return {
+            key[len(prefix) :].decode(): value.decode()
+            for key, value in self._scan("grants", prefix)
+        }
+
+    def token(self, name: str) -> TokenRecord | None:
+        raw = self._get("tokens", name.encode())
+        if raw is None:
+            return None
+        doc = codec.unpackb(raw)
+        return TokenRecord(name, str(doc["principal"]), bytes(doc["hash"]), int(doc["created_us"]))
+
+    def tokens(self) -> list[TokenRecord]:
+        names = [key.decode() for key, _ in self._scan("tokens", b"")]
+        return [t for t in (self.token(n) for n in names) if t is not None]
+
+    def token_by_hash(self, token_hash: bytes) -> TokenRecord | None:
+        name = self._get("tokenhash", token_hash)
+        return None if name is None else self.token(name.decode())
+
+    # -- applying mutations (write transactions only) -------------------------------------
+
+    def apply(self, mutation: Mutation, payload: bytes | None = None) -> None:
+        """Apply one resolved change.  Applying it twice leaves the same state.
+
+        ``payload`` is the mutation's WAL payload when the caller already
+        encoded it (for an item version it is exactly the stored record).
+        """
+        match mutation:
+            case CubePut(cube):
+                self.txn.put(cube.name.encode(), codec.encode_cube(cube), db=self.dbs["cubes"])
+            case CubeDrop(name):
+                self.txn.delete(name.encode(), db=self.dbs["cubes"])
+                prefix = keys.cube_prefix(name)
+                for db_name in _PER_ITEM_DBS:
+                    self._delete_prefix(db_name, prefix)
+            case ItemPut(item):
+                if payload is None:
+                    payload = encode_mutation(mutation)[1]
+                self.txn.put(
+                    keys.version_key(item.cube, item.id, item.version),
+                    payload,
+                    db=self.dbs["versions"],
+                )
+                current = self.latest_version(item.cube, item.id)
+                if current is None or current < item.version:
+                    self.txn.put(
+                        keys.item_key(item.cube, item.id),
+                        keys.pack_u32(item.version),
+                        db=self.dbs["latest"],
+                    )
+            case ItemPurge(record):
+                key = keys.item_key(record.cube, record.id)
+                self._delete_prefix("versions", keys.version_prefix(record.cube, record.id))
+                self.txn.delete(key, db=self.dbs["latest"])
+                self.txn.delete(key, db=self.dbs["usage"])
+                self.txn.put(key, codec.encode_purge(record), db=self.dbs["purges"])
+            case GrantSet(cube, principal, level):
+                key = keys.principal_key(cube, principal)
+                if level is None:
+                    self.txn.delete(key, db=self.dbs["grants"])
+                else:
+                    self.txn.put(key, level.encode(), db=self.dbs["grants"])
+            case TokenPut(name, principal, token_hash, created_us):
+                doc = {"principal": principal, "hash": token_hash, "created_us": created_us}
+                self.txn.put(name.encode(), codec.packb(doc), db=self.dbs["tokens"])
+                self.txn.put(token_hash, name.encode(), db=self.dbs["tokenhash"])
+            case TokenDelete(name):
+                existing = self.token(name)
+                if existing is not None:
+                    self.txn.delete(existing.token_hash, db=self.dbs["tokenhash"])
+                self.txn.delete(name.encode(), db=self.dbs["tokens"])
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _get(self, db_name: str, key: bytes) -> bytes | None:
+        value = self.txn.get(key, db=self.dbs[db_name])
+        return None if value is None else bytes(value)
+
+    def _scan(
+        self, db_name: str, prefix: bytes, *, start: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Key/value pairs whose key starts with ``prefix``, from ``start`` on."""
+        with self.txn.cursor(db=self.dbs[db_name]) as cur:
+            if not cur.set_range(start if start is not None else prefix):
+                return
+            for key, value in cur:
+                key_bytes = bytes(key)
+                if not key_bytes.startswith(prefix):
+                    return
+                yield key_bytes, bytes(value)
+
+    def _delete_prefix(self, db_name: str, prefix: bytes) -> None:
+        with self.txn.cursor(db=self.dbs[db_name]) as cur:
+            if not cur.set_range(prefix):
+                return
+            while bytes(cur.key()).startswith(prefix):
+                if not cur.delete():
+                    break
+
+
+def _replace_usage(item: MemoryItem, usage: Usage | None) -> MemoryItem:
+    return replace(item, usage=usage if usage is not None else Usage())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create or reuse the virtualenv at .venv in the repo root and install memosd.
+# torch comes first, pinned to the CPU build this machine serves from local
+# disk; the project's own "torch>=..." requirement is then already satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+py=.venv/bin/python
+"$py" -m pip install --quiet --disable-pip-version-check --upgrade pip
+if ! "$py" -c "import torch" 2>/dev/null; then
+    "$py" -m pip install --quiet --disable-pip-version-check torch==2.13.0
+fi
+"$py" -m pip install --quiet --disable-pip-version-check -e ".${extras:+[$extras]}"

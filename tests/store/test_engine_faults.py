@@ -1,0 +1,119 @@
+"""Faults: failing fsync/write, a full disk, LMDB map growth, stale readers."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from memosd.engine import Engine, EngineSettings
+from memosd.errors import DiskFullError, Unavailable, WalFailedError
+from memosd.wal.fileio import FaultyFileIO, OsFileIO
+
+
+def _fill(engine: Engine, n: int) -> list[str]:
+    return [engine.add("c", f"item {i} " + "z" * 200).id for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("op", "err", "exc_type"),
+    [
+        ("fdatasync", errno.EIO, WalFailedError),
+        ("fdatasync", errno.ENOSPC, DiskFullError),
+        ("write", errno.EIO, WalFailedError),
+        ("write", errno.ENOSPC, DiskFullError),
+    ],
+)
+def test_wal_failure_poisons_engine_and_recovery_keeps_every_ack(
+    tmp_path: Path, op: str, err: int, exc_type: type[Exception]
+) -> None:
+    with Engine.open(tmp_path) as engine:
+        engine.create_cube("c", owner="uid:0")
+        baseline = engine.status()
+    # Count the calls a fresh open makes, then fail a few writes later.
+    faulty = FaultyFileIO(OsFileIO(), fail_op=op, fail_at_call=10**9, errno=err)
+    with Engine.open(tmp_path, wal_io=faulty) as probe:
+        opened_calls = faulty.calls[op]
+        probe.add("c", "probe")
+    acked: list[str] = []
+    faulty = FaultyFileIO(OsFileIO(), fail_op=op, fail_at_call=opened_calls + 6, errno=err)
+    engine = Engine.open(tmp_path, wal_io=faulty)
+    try:
+        for i in range(5):
+            acked.append(engine.add("c", f"write {i}").id)
+        with pytest.raises(exc_type):
+            engine.add("c", "write 5")
+        assert faulty.failed
+        assert not engine.healthy
+        assert len(acked) == 5
+        # Never retries and carries on: every later write fails fast too.
+        with pytest.raises(Unavailable):
+            engine.add("c", "after failure")
+        with pytest.raises(Unavailable):
+            engine.checkpoint()
+        # Reads keep working.
+        assert engine.get("c", acked[0]).text == "write 0"
+    finally:
+        engine.close()
+    with Engine.open(tmp_path) as reopened:
+        texts = {i.text for i in reopened.list_items("c", limit=1000)}
+        assert {f"write {i}" for i in range(5)} <= texts
+        assert "after failure" not in texts
+        assert reopened.healthy
+        reopened.add("c", "usable again")
+    assert baseline["healthy"]
+
+
+def test_full_disk_refuses_writes_then_recovers_when_space_is_freed(tmp_path: Path) -> None:
+    free = {"bytes": 10**12}
+    settings = EngineSettings(min_free_bytes=100 * 2**20)
+    with Engine.open(tmp_path, settings=settings, free_space=lambda: free["bytes"]) as engine:
+        engine.create_cube("c", owner="uid:0")
+        kept = engine.add("c", "before").id
+        free["bytes"] = 10 * 2**20
+        with pytest.raises(DiskFullError):
+            engine.add("c", "refused")
+        assert engine.healthy  # a full disk is not a broken disk
+        free["bytes"] = 10**12
+        engine.add("c", "after")
+        assert [i.text for i in engine.list_items("c")] == ["before", "after"]
+        assert engine.get("c", kept).text == "before"
+
+
+def test_map_grows_instead_of_failing(tmp_path: Path) -> None:
+    settings = EngineSettings(initial_map_size=1 << 20)
+    with Engine.open(tmp_path, settings=settings) as engine:
+        engine.create_cube("c", owner="uid:0")
+        start = engine.status()["lmdb_map_size"]
+        ids = _fill(engine, 12_000)  # ~ 5 MB of versions: several doublings
+        assert engine.status()["lmdb_map_size"] > start
+        assert engine.get("c", ids[0]).text.startswith("item 0 ")
+        assert len(engine.list_items("c", limit=10**6)) == 12_000
+    with Engine.open(tmp_path, settings=settings) as engine:
+        assert engine.get("c", ids[-1]).text.startswith("item 11999 ")
+
+
+def test_stale_reader_slot_of_a_killed_process_is_cleared(tmp_path: Path) -> None:
+    with Engine.open(tmp_path) as engine:
+        engine.create_cube("c", owner="uid:0")
+        _fill(engine, 10)
+    # A process that dies with a read transaction open leaves a reader slot.
+    script = textwrap.dedent(
+        f"""
+        import lmdb, os
+        env = lmdb.open({str(tmp_path / "store")!r}, max_dbs=16, readonly=False)
+        txn = env.begin()
+        print(env.readers(), flush=True)
+        os._exit(0)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "pid" in out.stdout.lower() or out.stdout.strip()
+    with Engine.open(tmp_path) as engine:
+        assert engine.store.env.reader_check() == 0  # already cleared at open
+        engine.add("c", "still writable")
+        assert len(engine.list_items("c")) == 11

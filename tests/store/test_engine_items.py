@@ -1,0 +1,190 @@
+"""Engine behaviour: cubes, versions, history, rollback, as-of, delete, purge."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memosd.engine import ChangeEvent, Engine, EngineSettings
+from memosd.errors import BadRequest, Conflict, NotFound, TooLarge
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000_000
+
+    def __call__(self) -> int:
+        self.now += 1000
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def engine(tmp_path: Path, clock: FakeClock) -> Iterator[Engine]:
+    with Engine.open(
+        tmp_path / "data", clock=clock, settings=EngineSettings(max_text_bytes=1000)
+    ) as eng:
+        eng.create_cube("notes", owner="uid:1000")
+        yield eng
+
+
+def test_cube_lifecycle(engine: Engine) -> None:
+    assert [c.name for c in engine.list_cubes()] == ["notes"]
+    assert engine.get_cube("notes").owner == "uid:1000"
+    with pytest.raises(Conflict):
+        engine.create_cube("notes", owner="uid:1")
+    with pytest.raises(BadRequest):
+        engine.create_cube("bad\x00name", owner="uid:1")
+    engine.add("notes", "one")
+    assert engine.drop_cube("notes") == 1
+    with pytest.raises(NotFound):
+        engine.get_cube("notes")
+    assert engine.list_cubes() == []
+
+
+def test_add_get_update_history(engine: Engine) -> None:
+    item = engine.add(
+        "notes", "I live in Berlin", tags=("home", "fact"), session="s1", source="chat"
+    )
+    assert item.version == 1
+    assert item.tags == ("fact", "home")
+    assert item.provenance.session == "s1"
+    assert engine.get("notes", item.id) == item
+    v2 = engine.update("notes", item.id, text="I live in Paris", actor="uid:1000")
+    assert v2.version == 2
+    assert v2.created_us == item.created_us
+    assert v2.recorded_us > item.recorded_us
+    assert (item.id, 1) in v2.provenance.parents
+    assert [v.text for v in engine.history("notes", item.id)] == [
+        "I live in Berlin",
+        "I live in Paris",
+    ]
+    assert engine.get("notes", item.id, version=1).text == "I live in Berlin"
+    with pytest.raises(Conflict):
+        engine.update("notes", item.id, text="stale", expected_version=1)
+
+
+def test_as_of_and_rollback(engine: Engine, clock: FakeClock) -> None:
+    item = engine.add("notes", "v1")
+    t_after_v1 = clock.now
+    engine.update("notes", item.id, text="v2")
+    assert engine.get("notes", item.id, as_of_us=t_after_v1).text == "v1"
+    with pytest.raises(NotFound):
+        engine.get("notes", item.id, as_of_us=item.recorded_us - 1)
+    v3 = engine.rollback("notes", item.id, 1)
+    assert (v3.version, v3.text) == (3, "v1")
+    assert v3.provenance.operation == "rollback"
+    with pytest.raises(NotFound):
+        engine.rollback("notes", item.id, 9)
+
+
+def test_delete_is_a_tombstone_and_purge_erases(engine: Engine) -> None:
+    item = engine.add("notes", "secret")
+    engine.update("notes", item.id, text="secret 2")
+    tomb = engine.delete("notes", item.id)
+    assert tomb.status == "deleted"
+    with pytest.raises(NotFound) as info:
+        engine.get("notes", item.id)
+    assert info.value.reason == "deleted"
+    assert [v.text for v in engine.history("notes", item.id)][:2] == ["secret", "secret 2"]
+    record = engine.purge("notes", item.id, reason="gdpr")
+    assert record.versions == 3
+    with pytest.raises(NotFound) as info:
+        engine.history("notes", item.id)
+    assert info.value.reason == "purged"
+    purges = engine.purges("notes")
+    assert [(p.id, p.versions, p.reason) for p in purges] == [(item.id, 3, "gdpr")]
+    # No content survives anywhere in the export either.
+    exported = engine.export_cube("notes")
+    assert exported.items == []
+
+
+def test_limits_and_bad_arguments(engine: Engine) -> None:
+    with pytest.raises(TooLarge):
+        engine.add("notes", "x" * 1001)
+    with pytest.raises(NotFound):
+        engine.add("nope", "x")
+    with pytest.raises(BadRequest):
+        engine.add("notes", "x", importance=3.0)
+    with pytest.raises(NotFound):
+        engine.get("notes", "01ARZ3NDEKTSV4RRFFQ69G5FAV")
+
+
+def test_list_filters_and_counts(engine: Engine) -> None:
+    a = engine.add("notes", "a", tier="short")
+    engine.add("notes", "b", tier="long")
+    c = engine.add("notes", "c", tier="long")
+    engine.delete("notes", c.id)
+    assert [i.text for i in engine.list_items("notes", tier="long")] == ["b"]
+    assert len(engine.list_items("notes", status=None)) == 3
+    assert [i.id for i in engine.list_items("notes", limit=1)] == [a.id]
+    assert [i.text for i in engine.list_items("notes", after=a.id)] == ["b"]
+    assert engine.count_items("notes") == {"active": 2, "archived": 0, "deleted": 1}
+
+
+def test_usage_hits_are_batched_without_new_versions(engine: Engine) -> None:
+    item = engine.add("notes", "hot")
+    lsn = engine.status()["last_lsn"]
+    engine.record_hits("notes", [item.id, item.id], now_us=123)
+    engine.checkpoint()  # flushes pending usage
+    got = engine.get("notes", item.id)
+    assert (got.usage.hits, got.usage.last_hit_us, got.version) == (2, 123, 1)
+    assert engine.status()["last_lsn"] == lsn  # no WAL record per hit
+
+
+def test_grants_and_tokens(engine: Engine) -> None:
+    engine.set_grant("notes", "uid:7", "read")
+    engine.set_grant("notes", "token:bob", "write")
+    assert engine.grants("notes") == {"uid:7": "read", "token:bob": "write"}
+    engine.set_grant("notes", "uid:7", None)
+    assert engine.grants("notes") == {"token:bob": "write"}
+    with pytest.raises(BadRequest):
+        engine.set_grant("notes", "uid:7", "admin")
+    engine.put_token("bob", token_hash=b"h" * 32, principal="token:bob")
+    with pytest.raises(Conflict):
+        engine.put_token("bob", token_hash=b"i" * 32, principal="token:bob")
+    assert engine.token_by_hash(b"h" * 32) is not None
+    engine.delete_token("bob")
+    assert engine.token_by_hash(b"h" * 32) is None
+    assert engine.tokens() == []
+
+
+def test_export_import_roundtrip(engine: Engine) -> None:
+    item = engine.add("notes", "v1", metadata={"k": [1, 2]})
+    engine.update("notes", item.id, text="v2")
+    engine.set_grant("notes", "uid:9", "read")
+    exported = engine.export_cube("notes")
+    engine.import_cube(exported, name="copy", owner="uid:5")
+    assert [v.text for v in engine.history("copy", item.id)] == ["v1", "v2"]
+    assert engine.get_cube("copy").owner == "uid:5"
+    assert engine.grants("copy") == {"uid:9": "read"}
+    with pytest.raises(Conflict):
+        engine.import_cube(exported)
+
+
+def test_listeners_hear_acknowledged_changes(engine: Engine) -> None:
+    events: list[ChangeEvent] = []
+    engine.add_listener(events.append)
+    item = engine.add("notes", "x")
+    engine.delete("notes", item.id)
+    assert [(e.kind, e.item_id, e.version) for e in events] == [
+        ("item_written", item.id, 1),
+        ("item_deleted", item.id, 2),
+    ]
+    assert events[0].lsn < events[1].lsn
+
+
+def test_state_survives_reopen(tmp_path: Path) -> None:
+    with Engine.open(tmp_path) as eng:
+        eng.create_cube("c", owner="uid:0")
+        item = eng.add("c", "persist me")
+        eng.update("c", item.id, text="persisted")
+    with Engine.open(tmp_path) as eng:
+        assert [v.text for v in eng.history("c", item.id)] == ["persist me", "persisted"]
+        assert eng.recovery["replayed_records"] == 0  # clean close checkpointed everything
