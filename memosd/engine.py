@@ -59,6 +59,7 @@ from memosd.memcube.model import (
     new_cube,
     validate_cube_name,
 )
+from memosd.store.blobs import BlobStore
 from memosd.store.group_commit import GroupCommitter, Submission
 from memosd.store.lmdb_env import LmdbEnv
 from memosd.store.records import (
@@ -104,6 +105,8 @@ class EngineSettings:
     # data directory's volume, so LMDB and the WAL never meet ENOSPC halfway.
     min_free_bytes: int = 64 * 2**20
     usage_flush_interval_s: float = 1.0
+    # Unreferenced blobs younger than this may belong to a write in flight.
+    blob_gc_grace_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +134,9 @@ Plan = Callable[[StoreView, int], tuple[Any, list[Mutation]]]
 
 @dataclass(frozen=True, slots=True)
 class _Work:
-    kind: str  # "write" | "checkpoint" | "housekeeping" | "stop"
+    kind: str  # "write" | "side" | "checkpoint" | "housekeeping" | "stop"
     plan: Plan | None = None
+    side: Callable[[StoreView], None] | None = None
 
 
 _Op = Submission["_Work"]
@@ -187,11 +191,13 @@ class Engine:
         self.wal = WriteAheadLog.open(
             data_dir / "wal", io=wal_io, segment_bytes=settings.wal_segment_bytes
         )
+        self.blobs = BlobStore(data_dir / "blobs")
         # Pin the current snapshot before replay writes anything (store docs).
         applied = self.store.applied_lsn()
         self.store.checkpoint(applied)
         replayed = self._replay(applied, on_progress)
         self._checkpoint_now()
+        self._collect_garbage_blobs(grace_s=0)
         self.recovery: dict[str, Any] = {
             "rolled_back_lmdb_to_checkpoint": self.store.rolled_back_to_checkpoint,
             "checkpoint_lsn": applied,
@@ -245,9 +251,12 @@ class Engine:
                 txn = self.store.begin_write()
                 try:
                     view = StoreView(txn, self.store.dbs)
+                    events = []
                     for record in chunk:
-                        view.apply(decode_mutation(record.rtype, record.payload), record.payload)
-                    view.set_applied_lsn(chunk[-1].lsn)
+                        mutation = decode_mutation(record.rtype, record.payload)
+                        view.apply(mutation, record.payload)
+                        events.append(_event_for(mutation, record.lsn))
+                    _record_logged(view, events)
                 except lmdb.MapFullError:
                     txn.abort()
                     self.store.grow_map()
@@ -256,6 +265,7 @@ class Engine:
                     txn.abort()
                     raise
                 self.store.commit(txn)
+                self._release_blobs(view.released_blobs)
                 break
             replayed += len(chunk)
             if on_progress is not None:
@@ -284,6 +294,13 @@ class Engine:
             kind = op.payload.kind
             if kind == "checkpoint":
                 self._run_checkpoint_op(op)
+            elif kind == "side":
+                assert op.payload.side is not None
+                try:
+                    self._unlogged_write(op.payload.side)
+                    op.resolve(None)
+                except MemosError as exc:
+                    op.fail(exc)
             elif kind == "stop":
                 self._shutdown_writer()
                 op.resolve(None)
@@ -364,22 +381,29 @@ class Engine:
                 for op, _, _ in outcomes:
                     op.fail(_copy_error(exc))
                 return
-            view.set_applied_lsn(lsns[-1])
+            mutations = [m for _, _, ms in outcomes for m in ms]
+            events = [_event_for(m, lsn) for m, lsn in zip(mutations, lsns, strict=True)]
+            _record_logged(view, events)
         except BaseException:
             txn.abort()
             raise
         try:
-            self._commit_logged(txn, [m for _, _, ms in outcomes for m in ms], lsns[-1])
+            view = self._commit_logged(txn, view, mutations, events)
+            self._release_blobs(view.released_blobs)
         except MemosError as exc:
             # The batch is durable in the WAL (acknowledged below); LMDB could
             # not take it.  Stop serving writes; recovery will apply it.
             self._poison(exc)
-        self._resolve(outcomes, lsns)
+        self._resolve(outcomes, events)
 
     def _commit_logged(
-        self, txn: lmdb.Transaction, mutations: list[Mutation], last_lsn: int
-    ) -> None:
-        """Commit a batch that is already durable in the WAL.
+        self,
+        txn: lmdb.Transaction,
+        view: StoreView,
+        mutations: list[Mutation],
+        events: list[ChangeEvent],
+    ) -> StoreView:
+        """Commit a batch that is already durable in the WAL; returns the view committed.
 
         A commit can still hit the map limit (LMDB allocates pages for its
         free list at commit).  The batch must not be lost or re-planned: grow
@@ -395,9 +419,9 @@ class Engine:
                     view = StoreView(txn, self.store.dbs)
                     for mutation in mutations:
                         view.apply(mutation)
-                    view.set_applied_lsn(last_lsn)
+                    _record_logged(view, events)
                     self.store.commit(txn)
-                    return
+                    break
                 except lmdb.MapFullError:
                     continue
                 finally:
@@ -406,15 +430,35 @@ class Engine:
         if self.store.needs_headroom():
             new_size = self.store.grow_map()
             _log.info("LMDB map grown", map_size=new_size)
+        return view
+
+    def _release_blobs(self, shas: Iterable[str]) -> None:
+        """Delete blob files no stored version references any more (after commit)."""
+        for sha in shas:
+            self.blobs.delete(sha)
+
+    def _collect_garbage_blobs(self, *, grace_s: float) -> int:
+        """Remove blob files that no version references, older than ``grace_s``.
+
+        A writer stores its blob before submitting the item that references
+        it, so a young unreferenced blob may be in flight; at start-up
+        (``grace_s=0``) nothing is in flight.
+        """
+        with self.store.read() as txn:
+            referenced = StoreView(txn, self.store.dbs).referenced_blobs()
+        cutoff = time.time() - grace_s
+        removed = 0
+        for sha, mtime in list(self.blobs.iter_blobs()):
+            if sha not in referenced and mtime <= cutoff and self.blobs.delete(sha):
+                removed += 1
+        if removed:
+            _log.info("unreferenced blobs removed", count=removed)
+        return removed
 
     def _resolve(
-        self, outcomes: list[tuple[_Op, Any, list[Mutation]]], lsns: Sequence[int]
+        self, outcomes: list[tuple[_Op, Any, list[Mutation]]], events: Sequence[ChangeEvent]
     ) -> None:
-        events: list[ChangeEvent] = []
-        lsn_iter = iter(lsns)
-        for op, result, mutations in outcomes:
-            for mutation in mutations:
-                events.append(_event_for(mutation, next(lsn_iter)))
+        for op, result, _ in outcomes:
             if isinstance(result, MemosError):
                 op.fail(result)
             else:
@@ -470,11 +514,18 @@ class Engine:
 
     def _checkpoint_now(self, *, clean: bool = False) -> dict[str, Any]:
         applied = self.store.applied_lsn()
+        self._prune_change_log(applied)
         state = self.store.checkpoint(applied, clean_shutdown=clean)
         removed = self.wal.checkpoint(applied)
         self._last_checkpoint_time = time.monotonic()
         self._wal_bytes_since_checkpoint = 0
-        return {"applied_lsn": applied, "lmdb_txnid": state.txnid, "wal_segments_removed": removed}
+        blobs_removed = self._collect_garbage_blobs(grace_s=self.settings.blob_gc_grace_s)
+        return {
+            "applied_lsn": applied,
+            "lmdb_txnid": state.txnid,
+            "wal_segments_removed": removed,
+            "blobs_removed": blobs_removed,
+        }
 
     def _run_checkpoint_op(self, op: _Op) -> None:
         if self._failure is not None:
@@ -486,24 +537,16 @@ class Engine:
         except MemosError as exc:
             op.fail(exc)
 
-    def _flush_usage(self) -> None:
-        with self._usage_lock:
-            pending, self._pending_hits = self._pending_hits, {}
-        if not pending:
-            return
+    def _unlogged_write(self, fn: Callable[[StoreView], None]) -> None:
+        """Run ``fn`` in its own LMDB write txn, without a WAL record.
+
+        Only for derived side data (usage counters, change-log pruning,
+        consumer LSNs) whose loss on power failure is harmless.  Leader only.
+        """
         while True:
             txn = self.store.begin_write()
             try:
-                view = StoreView(txn, self.store.dbs)
-                for (cube, item_id), (hits, last_us) in pending.items():
-                    if view.latest_version(cube, item_id) is None:
-                        continue
-                    old = view.usage(cube, item_id) or Usage()
-                    view.put_usage(
-                        cube,
-                        item_id,
-                        Usage(hits=old.hits + hits, last_hit_us=last_us, heat=old.heat),
-                    )
+                fn(StoreView(txn, self.store.dbs))
             except lmdb.MapFullError:
                 txn.abort()
                 self.store.grow_map()
@@ -513,6 +556,33 @@ class Engine:
                 raise
             self.store.commit(txn)
             return
+
+    def _flush_usage(self) -> None:
+        with self._usage_lock:
+            pending, self._pending_hits = self._pending_hits, {}
+        if not pending:
+            return
+
+        def write(view: StoreView) -> None:
+            for (cube, item_id), (hits, last_us) in pending.items():
+                if view.latest_version(cube, item_id) is None:
+                    continue
+                old = view.usage(cube, item_id) or Usage()
+                view.put_usage(
+                    cube, item_id, Usage(hits=old.hits + hits, last_hit_us=last_us, heat=old.heat)
+                )
+
+        self._unlogged_write(write)
+
+    def _prune_change_log(self, applied: int) -> None:
+        def prune(view: StoreView) -> None:
+            consumers = view.consumer_lsns()
+            horizon = min([applied, *consumers.values()])
+            if horizon > (view.meta_u64(b"changes_horizon") or 0):
+                view.prune_changes(horizon)
+                view.set_meta_u64(b"changes_horizon", horizon)
+
+        self._unlogged_write(prune)
 
     def _wal_bytes(self) -> int:
         total = 0
@@ -684,6 +754,41 @@ class Engine:
             "cubes": len(self.list_cubes()),
             "recovery": self.recovery,
         }
+
+    @property
+    def applied_lsn(self) -> int:
+        return self.store.applied_lsn()
+
+    def changes_since(self, after_lsn: int, *, limit: int = 10_000) -> list[ChangeEvent]:
+        """Acknowledged changes with LSN > ``after_lsn``, oldest first.
+
+        Conflict(reason="changes_pruned") if the log no longer reaches back
+        that far: the consumer must rebuild from the current state.
+        """
+
+        def read(view: StoreView) -> list[ChangeEvent]:
+            horizon = view.meta_u64(b"changes_horizon") or 0
+            if after_lsn < horizon:
+                raise Conflict(
+                    f"the change log starts after LSN {horizon}; rebuild from current state",
+                    reason="changes_pruned",
+                    horizon=horizon,
+                )
+            return [
+                ChangeEvent(kind, cube, item_id, version, lsn, operation)
+                for lsn, (kind, cube, item_id, version, operation) in view.changes_since(
+                    after_lsn, limit
+                )
+            ]
+
+        return self._read(read)
+
+    def set_consumer_lsn(self, name: str, lsn: int) -> None:
+        """Record that consumer ``name`` has durably processed every change up to ``lsn``."""
+        if not name or "\x00" in name:
+            raise BadRequest("consumer name must be non-empty without NUL")
+        key = b"consumer:" + name.encode()
+        self._committer.submit(_Work("side", side=lambda view: view.set_meta_u64(key, lsn)))
 
     def verify_wal(self) -> dict[str, Any]:
         return _asdict(self.wal.verify())
@@ -973,6 +1078,15 @@ def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:
         case TokenPut() | TokenDelete():
             return ChangeEvent("acl_changed", None, None, None, lsn)
     raise TypeError(mutation)  # pragma: no cover
+
+
+def _record_logged(view: StoreView, events: Sequence[ChangeEvent]) -> None:
+    """Write the change log entries and the applied LSN of a logged batch."""
+    for event in events:
+        view.record_change(
+            event.lsn, [event.kind, event.cube, event.item_id, event.version, event.operation]
+        )
+    view.set_applied_lsn(events[-1].lsn)
 
 
 def _copy_error(exc: MemosError) -> MemosError:

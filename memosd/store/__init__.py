@@ -36,6 +36,14 @@ principals cannot contain it, item ids are 26-character ULIDs)::
     tokens    name                       -> msgpack {principal, hash, created_us}
     tokenhash sha256(secret)             -> name
     usage     cube \\0 id                 -> msgpack [hits, last_hit_us, heat]
+    blobrefs  sha256 hex                 -> u64 number of stored versions referencing it
+    changes   u64be(lsn)                 -> msgpack [kind, cube, item_id, version, operation]
+
+``meta`` also holds ``consumer:<name>`` (the LSN a derived index has durably
+processed, see ``Engine.set_consumer_lsn``) and ``changes_horizon`` (the
+highest LSN pruned from ``changes``).
+
+Blob files live beside the store in ``<data_dir>/blobs`` (``memosd.store.blobs``).
 
 Why relaxed LMDB sync is safe on power loss
 ===========================================

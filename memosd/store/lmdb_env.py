@@ -46,6 +46,8 @@ DB_NAMES: Final = (
     "tokens",
     "tokenhash",
     "usage",
+    "blobrefs",
+    "changes",
 )
 
 _META_MAGIC: Final = 0xBEEFC0DE

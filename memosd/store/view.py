@@ -16,6 +16,7 @@ import lmdb
 from memosd.memcube import codec
 from memosd.memcube.model import MemCube, MemoryItem, PurgeRecord, Usage
 from memosd.store import keys
+from memosd.store.blobs import is_blob_ref
 from memosd.store.records import (
     CubeDrop,
     CubePut,
@@ -28,7 +29,7 @@ from memosd.store.records import (
     encode_mutation,
 )
 
-__all__ = ["StoreView", "TokenRecord"]
+__all__ = ["StoreView", "TokenRecord", "blob_refs"]
 
 _PER_ITEM_DBS = ("versions", "latest", "purges", "usage", "grants")
 
@@ -45,6 +46,9 @@ class StoreView:
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
         self.txn = txn
         self.dbs = dbs
+        # Blobs whose last reference went away in this transaction; the
+        # engine deletes their files once the transaction is committed.
+        self.released_blobs: set[str] = set()
 
     # -- meta ---------------------------------------------------------------------
 
@@ -162,16 +166,18 @@ class StoreView:
             case CubeDrop(name):
                 self.txn.delete(name.encode(), db=self.dbs["cubes"])
                 prefix = keys.cube_prefix(name)
+                self._release_blobs_under("versions", prefix)
                 for db_name in _PER_ITEM_DBS:
                     self._delete_prefix(db_name, prefix)
             case ItemPut(item):
+                vkey = keys.version_key(item.cube, item.id, item.version)
+                if self._get("versions", vkey) is not None:
+                    return  # replayed twice: versions are immutable
+                for sha in blob_refs(item):
+                    self._add_blob_ref(sha, +1)
                 if payload is None:
                     payload = encode_mutation(mutation)[1]
-                self.txn.put(
-                    keys.version_key(item.cube, item.id, item.version),
-                    payload,
-                    db=self.dbs["versions"],
-                )
+                self.txn.put(vkey, payload, db=self.dbs["versions"])
                 current = self.latest_version(item.cube, item.id)
                 if current is None or current < item.version:
                     self.txn.put(
@@ -181,6 +187,7 @@ class StoreView:
                     )
             case ItemPurge(record):
                 key = keys.item_key(record.cube, record.id)
+                self._release_blobs_under("versions", keys.version_prefix(record.cube, record.id))
                 self._delete_prefix("versions", keys.version_prefix(record.cube, record.id))
                 self.txn.delete(key, db=self.dbs["latest"])
                 self.txn.delete(key, db=self.dbs["usage"])
@@ -200,6 +207,67 @@ class StoreView:
                 if existing is not None:
                     self.txn.delete(existing.token_hash, db=self.dbs["tokenhash"])
                 self.txn.delete(name.encode(), db=self.dbs["tokens"])
+
+    # -- blob references and the change log ---------------------------------------------
+
+    def blob_refcount(self, sha: str) -> int:
+        raw = self._get("blobrefs", sha.encode())
+        return 0 if raw is None else keys.unpack_u64(raw)
+
+    def referenced_blobs(self) -> set[str]:
+        return {key.decode() for key, _ in self._scan("blobrefs", b"")}
+
+    def _add_blob_ref(self, sha: str, delta: int) -> None:
+        count = self.blob_refcount(sha) + delta
+        if count > 0:
+            self.txn.put(sha.encode(), keys.pack_u64(count), db=self.dbs["blobrefs"])
+            self.released_blobs.discard(sha)
+        else:
+            self.txn.delete(sha.encode(), db=self.dbs["blobrefs"])
+            self.released_blobs.add(sha)
+
+    def _release_blobs_under(self, db_name: str, prefix: bytes) -> None:
+        for _, value in self._scan(db_name, prefix):
+            for sha in blob_refs(codec.decode_item(value)):
+                self._add_blob_ref(sha, -1)
+
+    def record_change(self, lsn: int, change: list[Any]) -> None:
+        self.txn.put(keys.pack_u64(lsn), codec.packb(change), db=self.dbs["changes"])
+
+    def changes_since(self, after_lsn: int, limit: int) -> list[tuple[int, list[Any]]]:
+        out: list[tuple[int, list[Any]]] = []
+        for key, value in self._scan("changes", b"", start=keys.pack_u64(after_lsn + 1)):
+            if len(out) >= limit:
+                break
+            out.append((keys.unpack_u64(key), codec.unpackb(value)))
+        return out
+
+    def prune_changes(self, up_to_lsn: int) -> int:
+        removed = 0
+        with self.txn.cursor(db=self.dbs["changes"]) as cur:
+            if not cur.first():
+                return 0
+            while keys.unpack_u64(bytes(cur.key())) <= up_to_lsn:
+                if not cur.delete():
+                    break
+                removed += 1
+                if not cur.key():
+                    break
+        return removed
+
+    def meta_u64(self, name: bytes) -> int | None:
+        raw = self._get("meta", name)
+        return None if raw is None else keys.unpack_u64(raw)
+
+    def set_meta_u64(self, name: bytes, value: int) -> None:
+        self.txn.put(name, keys.pack_u64(value), db=self.dbs["meta"])
+
+    def consumer_lsns(self) -> dict[str, int]:
+        prefix = b"consumer:"
+        return {
+            key[len(prefix) :].decode(): keys.unpack_u64(value)
+            for key, value in self._scan("meta", prefix)
+        }
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -231,3 +299,18 @@ class StoreView:
 
 def _replace_usage(item: MemoryItem, usage: Usage | None) -> MemoryItem:
     return replace(item, usage=usage if usage is not None else Usage())
+
+
+def blob_refs(item: MemoryItem) -> list[str]:
+    """Blob shas an item version references through ``payload["blobs"]``."""
+    payload = item.payload
+    if not payload:
+        return []
+    blobs = payload.get("blobs")
+    if isinstance(blobs, dict):
+        values: list[Any] = list(blobs.values())
+    elif isinstance(blobs, list):
+        values = blobs
+    else:
+        return []
+    return sorted({v for v in values if is_blob_ref(v)})

@@ -1,0 +1,110 @@
+"""Blob files with reference counts, and the change log for derived indexes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memosd.engine import Engine
+from memosd.errors import BadRequest, Conflict, NotFound
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    with Engine.open(tmp_path / "data") as eng:
+        eng.create_cube("c", owner="uid:0")
+        yield eng
+
+
+def test_blob_put_is_content_addressed_and_idempotent(engine: Engine) -> None:
+    sha = engine.blobs.put_bytes(b"tensor bytes")
+    assert engine.blobs.put_bytes(b"tensor bytes") == sha
+    assert engine.blobs.read(sha) == b"tensor bytes"
+    assert engine.blobs.path(sha).name == sha
+    with pytest.raises(NotFound):
+        engine.blobs.path("0" * 64)
+    with pytest.raises(BadRequest):
+        engine.blobs.path("../etc/passwd")
+
+
+def test_purge_deletes_blobs_only_when_no_version_references_them(engine: Engine) -> None:
+    a = engine.blobs.put_bytes(b"adapter v1")
+    b = engine.blobs.put_bytes(b"adapter v2")
+    item = engine.add("c", "adapter", form="parameter", payload={"blobs": {"weights": a}})
+    engine.update("c", item.id, payload={"blobs": {"weights": b}})
+    # An older version still references a: it must survive.
+    engine.checkpoint()
+    assert engine.blobs.exists(a)
+    assert engine.blobs.exists(b)
+    engine.purge("c", item.id)
+    assert not engine.blobs.exists(a)
+    assert not engine.blobs.exists(b)
+
+
+def test_shared_blob_survives_until_last_reference(engine: Engine) -> None:
+    shared = engine.blobs.put_bytes(b"shared chunk")
+    one = engine.add("c", "kv 1", form="activation", payload={"blobs": [shared]})
+    two = engine.add("c", "kv 2", form="activation", payload={"blobs": [shared]})
+    engine.purge("c", one.id)
+    assert engine.blobs.exists(shared)
+    engine.purge("c", two.id)
+    assert not engine.blobs.exists(shared)
+
+
+def test_drop_cube_deletes_its_blobs(engine: Engine) -> None:
+    sha = engine.blobs.put_bytes(b"cube blob")
+    engine.add("c", "x", payload={"blobs": {"w": sha}})
+    engine.drop_cube("c")
+    assert not engine.blobs.exists(sha)
+
+
+def test_unreferenced_blobs_are_collected_at_start(tmp_path: Path) -> None:
+    with Engine.open(tmp_path) as eng:
+        eng.create_cube("c", owner="uid:0")
+        kept = eng.blobs.put_bytes(b"referenced")
+        eng.add("c", "x", payload={"blobs": {"w": kept}})
+        orphan = eng.blobs.put_bytes(b"writer died before its WAL record")
+        assert eng.blobs.exists(orphan)
+    with Engine.open(tmp_path) as eng:
+        assert eng.blobs.exists(kept)
+        assert not eng.blobs.exists(orphan)
+
+
+def test_change_log_lists_acknowledged_changes_in_lsn_order(engine: Engine) -> None:
+    start = engine.applied_lsn
+    item = engine.add("c", "one")
+    engine.update("c", item.id, text="two")
+    engine.delete("c", item.id)
+    changes = engine.changes_since(start)
+    assert [(c.kind, c.item_id, c.version) for c in changes] == [
+        ("item_written", item.id, 1),
+        ("item_written", item.id, 2),
+        ("item_deleted", item.id, 3),
+    ]
+    assert [c.lsn for c in changes] == sorted(c.lsn for c in changes)
+    assert engine.changes_since(changes[-1].lsn) == []
+    assert engine.changes_since(start, limit=1) == changes[:1]
+
+
+def test_change_log_is_pruned_below_the_slowest_consumer(engine: Engine) -> None:
+    first = engine.add("c", "a")
+    engine.add("c", "b")
+    lsn_a = engine.changes_since(0)[-2].lsn
+    engine.set_consumer_lsn("index", lsn_a)
+    engine.checkpoint()
+    remaining = engine.changes_since(lsn_a)
+    assert [c.item_id for c in remaining][-1] != first.id
+    with pytest.raises(Conflict) as info:
+        engine.changes_since(0)
+    assert info.value.reason == "changes_pruned"
+
+
+def test_change_log_survives_restart(tmp_path: Path) -> None:
+    with Engine.open(tmp_path) as eng:
+        eng.create_cube("c", owner="uid:0")
+        eng.set_consumer_lsn("index", 0)
+        item = eng.add("c", "persist")
+    with Engine.open(tmp_path) as eng:
+        assert [c.item_id for c in eng.changes_since(0) if c.item_id] == [item.id]
