@@ -29,7 +29,7 @@ P = TypeVar("P")
 class Submission(Generic[P]):
     """One caller's unit of work and, once processed, its outcome."""
 
-    __slots__ = ("_event", "_exception", "_promoted", "_result", "done", "payload")
+    __slots__ = ("_exception", "_promoted", "_result", "_wake", "done", "payload")
 
     def __init__(self, payload: P) -> None:
         self.payload = payload
@@ -37,17 +37,27 @@ class Submission(Generic[P]):
         self._promoted = False
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._event = threading.Event()
+        # A lock held from birth and released exactly once (resolve, fail or
+        # promotion): cheaper than an Event, which wraps a Condition.
+        self._wake = threading.Lock()
+        self._wake.acquire()
 
     def resolve(self, result: Any) -> None:
         self._result = result
         self.done = True
-        self._event.set()
+        self._wake.release()
 
     def fail(self, exc: BaseException) -> None:
         self._exception = exc
         self.done = True
-        self._event.set()
+        self._wake.release()
+
+    def promote(self) -> None:
+        self._promoted = True
+        self._wake.release()
+
+    def wait(self) -> None:
+        self._wake.acquire()
 
     def outcome(self) -> Any:
         if self._exception is not None:
@@ -72,7 +82,7 @@ class GroupCommitter(Generic[P]):
             if lead:
                 self._leader_active = True
         if not lead:
-            sub._event.wait()
+            sub.wait()
             if sub.done:
                 return sub.outcome()
             # promoted: we lead now (the previous leader handed over)
@@ -98,8 +108,6 @@ class GroupCommitter(Generic[P]):
         finally:
             with self._mutex:
                 if self._pending:
-                    successor = self._pending[0]
-                    successor._promoted = True
-                    successor._event.set()
+                    self._pending[0].promote()
                 else:
                     self._leader_active = False

@@ -1,0 +1,79 @@
+"""Leader/follower group commit: batching, hand-over, error isolation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from memosd.store.group_commit import GroupCommitter, Submission
+
+
+def test_lone_caller_runs_its_own_batch_in_its_own_thread() -> None:
+    seen: list[tuple[list[int], str]] = []
+
+    def process(batch: list[Submission[int]]) -> None:
+        seen.append(([s.payload for s in batch], threading.current_thread().name))
+        for s in batch:
+            s.resolve(s.payload * 2)
+
+    committer: GroupCommitter[int] = GroupCommitter(process, max_batch=8)
+    assert committer.submit(21) == 42
+    assert seen == [([21], threading.current_thread().name)]
+
+
+def test_concurrent_callers_share_batches_and_all_get_their_result() -> None:
+    batches: list[int] = []
+    gate = threading.Event()
+
+    def process(batch: list[Submission[int]]) -> None:
+        batches.append(len(batch))
+        gate.wait(0.01)  # while the leader "fsyncs", others queue up
+        for s in batch:
+            s.resolve(s.payload + 1)
+
+    committer: GroupCommitter[int] = GroupCommitter(process, max_batch=16)
+    results: dict[int, int] = {}
+
+    def call(n: int) -> None:
+        results[n] = committer.submit(n)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {n: n + 1 for n in range(64)}
+    assert sum(batches) == 64
+    assert len(batches) < 64  # somebody shared a batch
+    assert max(batches) <= 16
+
+
+def test_failures_reach_only_their_submission() -> None:
+    def process(batch: list[Submission[int]]) -> None:
+        for s in batch:
+            if s.payload < 0:
+                s.fail(ValueError("negative"))
+            else:
+                s.resolve(s.payload)
+
+    committer: GroupCommitter[int] = GroupCommitter(process, max_batch=4)
+    with pytest.raises(ValueError, match="negative"):
+        committer.submit(-1)
+    assert committer.submit(3) == 3
+
+
+def test_a_crashing_batch_fails_its_callers_and_leadership_moves_on() -> None:
+    calls = {"n": 0}
+
+    def process(batch: list[Submission[int]]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("bug in process")
+        for s in batch:
+            s.resolve(s.payload)
+
+    committer: GroupCommitter[int] = GroupCommitter(process, max_batch=4)
+    with pytest.raises(RuntimeError):
+        committer.submit(1)
+    assert committer.submit(2) == 2
