@@ -42,7 +42,6 @@ from memosd.errors import (
     MemosError,
     NotFound,
     StorageError,
-    TooLarge,
     Unavailable,
     WalFailedError,
 )
@@ -52,27 +51,28 @@ from memosd.memcube.model import (
     CubeConfig,
     MemCube,
     MemoryItem,
-    Operation,
     PurgeRecord,
     Status,
     Usage,
-    new_cube,
     validate_cube_name,
 )
+from memosd.scheduler import jobs
 from memosd.store.blobs import BlobStore
 from memosd.store.group_commit import GroupCommitter, Submission
 from memosd.store.lmdb_env import LmdbEnv
+from memosd.store.planner import Planner
 from memosd.store.records import (
     CubeDrop,
     CubePut,
     GrantSet,
     ItemPurge,
     ItemPut,
+    JobPut,
     Mutation,
     TokenDelete,
     TokenPut,
-    decode_mutation,
-    encode_mutation,
+    decode_record,
+    encode_atomic,
 )
 from memosd.store.view import StoreView, TokenRecord
 from memosd.wal import WriteAheadLog
@@ -127,9 +127,9 @@ class CubeExport:
     purges: list[PurgeRecord]
 
 
-# A planned write: reads the current state through the view, returns its
-# result and the mutations that produce it.
-Plan = Callable[[StoreView, int], tuple[Any, list[Mutation]]]
+# A write request: runs against a Planner (memosd.store.planner) inside the
+# batch's transaction and returns its result.
+Plan = Callable[[Planner], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,9 +253,9 @@ class Engine:
                     view = StoreView(txn, self.store.dbs)
                     events = []
                     for record in chunk:
-                        mutation = decode_mutation(record.rtype, record.payload)
-                        view.apply(mutation, record.payload)
-                        events.append(_event_for(mutation, record.lsn))
+                        for mutation, payload in decode_record(record.rtype, record.payload):
+                            view.apply(mutation, payload)
+                            events.append(_event_for(mutation, record.lsn))
                     _record_logged(view, events)
                 except lmdb.MapFullError:
                     txn.abort()
@@ -343,53 +343,72 @@ class Engine:
 
     def _run_batch_once(self, ops: list[_Op]) -> None:
         txn = self.store.begin_write()
-        view = StoreView(txn, self.store.dbs)
-        outcomes: list[tuple[_Op, Any, list[Mutation]]] = []
-        records: list[tuple[int, bytes]] = []
+        outcomes: list[tuple[_Op, Any]] = []
+        logged: list[list[tuple[Mutation, int, bytes]]] = []  # per WAL record
+        released: set[str] = set()
         try:
             for op in ops:
                 plan = op.payload.plan
                 assert plan is not None
+                # A child transaction per request: a request that fails
+                # halfway leaves nothing behind in the batch.
+                child = self.store.env.begin(write=True, parent=txn)
+                planner = Planner(
+                    StoreView(child, self.store.dbs),
+                    self._now_us(),
+                    new_id=self._ids,
+                    max_text_bytes=self.settings.max_text_bytes,
+                )
                 try:
-                    result, mutations = plan(view, self._now_us())
+                    result = plan(planner)
                 except MemosError as exc:
-                    outcomes.append((op, exc, []))
+                    child.abort()
+                    outcomes.append((op, exc))
                     continue
                 except lmdb.MapFullError:
+                    child.abort()
                     raise
-                except Exception as exc:  # a bug in a plan must not kill the writer
+                except Exception as exc:  # a bug in a plan must not kill the leader
+                    child.abort()
                     _log.exception("write plan failed")
-                    outcomes.append(
-                        (op, StorageError(f"write failed: {exc}", reason="internal"), [])
-                    )
+                    outcomes.append((op, StorageError(f"write failed: {exc}", reason="internal")))
                     continue
-                for mutation in mutations:
-                    record = encode_mutation(mutation)
-                    view.apply(mutation, record[1])
-                    records.append(record)
-                outcomes.append((op, result, mutations))
-            if not records:
+                child.commit()
+                outcomes.append((op, result))
+                if planner.logged:
+                    logged.append(planner.logged)
+                    released |= planner.view.released_blobs
+            if not logged:
                 txn.abort()
                 self._resolve(outcomes, [])
                 return
+            records = [
+                entries[0][1:] if len(entries) == 1 else encode_atomic([e[1:] for e in entries])
+                for entries in logged
+            ]
             try:
                 lsns = self.wal.append_batch(records)
                 self._wal_bytes_since_checkpoint += sum(len(p) + 17 for _, p in records)
             except (WalFailedError, DiskFullError) as exc:
                 txn.abort()
                 self._poison(exc)
-                for op, _, _ in outcomes:
+                for op, _ in outcomes:
                     op.fail(_copy_error(exc))
                 return
-            mutations = [m for _, _, ms in outcomes for m in ms]
-            events = [_event_for(m, lsn) for m, lsn in zip(mutations, lsns, strict=True)]
+            events = [
+                _event_for(mutation, lsn)
+                for entries, lsn in zip(logged, lsns, strict=True)
+                for mutation, _, _ in entries
+            ]
+            view = StoreView(txn, self.store.dbs)
             _record_logged(view, events)
         except BaseException:
             txn.abort()
             raise
         try:
-            view = self._commit_logged(txn, view, mutations, events)
-            self._release_blobs(view.released_blobs)
+            mutations = [(m, p) for entries in logged for m, _, p in entries]
+            released |= self._commit_logged(txn, view, mutations, events)
+            self._release_blobs(released)
         except MemosError as exc:
             # The batch is durable in the WAL (acknowledged below); LMDB could
             # not take it.  Stop serving writes; recovery will apply it.
@@ -400,10 +419,12 @@ class Engine:
         self,
         txn: lmdb.Transaction,
         view: StoreView,
-        mutations: list[Mutation],
+        mutations: list[tuple[Mutation, bytes]],
         events: list[ChangeEvent],
-    ) -> StoreView:
-        """Commit a batch that is already durable in the WAL; returns the view committed.
+    ) -> set[str]:
+        """Commit a batch that is already durable in the WAL.
+
+        Returns blobs released by a re-application (see below).
 
         A commit can still hit the map limit (LMDB allocates pages for its
         free list at commit).  The batch must not be lost or re-planned: grow
@@ -417,8 +438,8 @@ class Engine:
                 txn = self.store.begin_write()
                 try:
                     view = StoreView(txn, self.store.dbs)
-                    for mutation in mutations:
-                        view.apply(mutation)
+                    for mutation, payload in mutations:
+                        view.apply(mutation, payload)
                     _record_logged(view, events)
                     self.store.commit(txn)
                     break
@@ -430,7 +451,7 @@ class Engine:
         if self.store.needs_headroom():
             new_size = self.store.grow_map()
             _log.info("LMDB map grown", map_size=new_size)
-        return view
+        return view.released_blobs
 
     def _release_blobs(self, shas: Iterable[str]) -> None:
         """Delete blob files no stored version references any more (after commit)."""
@@ -455,10 +476,8 @@ class Engine:
             _log.info("unreferenced blobs removed", count=removed)
         return removed
 
-    def _resolve(
-        self, outcomes: list[tuple[_Op, Any, list[Mutation]]], events: Sequence[ChangeEvent]
-    ) -> None:
-        for op, result, _ in outcomes:
+    def _resolve(self, outcomes: list[tuple[_Op, Any]], events: Sequence[ChangeEvent]) -> None:
+        for op, result in outcomes:
             if isinstance(result, MemosError):
                 op.fail(result)
             else:
@@ -801,6 +820,16 @@ class Engine:
         result: dict[str, Any] = self._committer.submit(_Work("checkpoint"))
         return result
 
+    def atomic(self, fn: Callable[[Planner], T]) -> T:
+        """Run several writes as one atomic, durable step (one WAL record).
+
+        ``fn`` gets a :class:`~memosd.store.planner.Planner` bound to the
+        batch's transaction; everything it writes commits together or not at
+        all.  Used by jobs so their effects and their success are one commit.
+        """
+        result: T = self._submit(fn)
+        return result
+
     def create_cube(
         self,
         name: str,
@@ -810,186 +839,47 @@ class Engine:
         actor: str | None = None,
     ) -> MemCube:
         validate_cube_name(name)
-
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            if view.cube(name) is not None:
-                raise Conflict(f"cube {name!r} already exists")
-            cube = new_cube(name, owner=owner, now_us=now, config=config)
-            return cube, [CubePut(cube)]
-
-        result: MemCube = self._submit(plan)
-        return result
+        return self.atomic(lambda p: p.create_cube(name, owner=owner, config=config))
 
     def drop_cube(self, name: str, *, actor: str | None = None) -> int:
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            _require_cube(view, name)
-            return sum(1 for _ in view.iter_latest(name)), [CubeDrop(name)]
+        return self.atomic(lambda p: p.drop_cube(name))
 
-        result: int = self._submit(plan)
-        return result
+    def add(self, cube: str, text: str, **fields: Any) -> MemoryItem:
+        """Add an item (version 1).  Keyword fields as in ``Planner.add``."""
+        return self.atomic(lambda p: p.add(cube, text, **fields))
 
-    def add(
-        self,
-        cube: str,
-        text: str,
-        *,
-        actor: str | None = None,
-        form: str = "plaintext",
-        tier: str = "short",
-        tags: Iterable[str] = (),
-        source: str | None = None,
-        session: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        payload: dict[str, Any] | None = None,
-        importance: float = 0.5,
-        ttl_s: int | None = None,
-        valid_from_us: int | None = None,
-        valid_to_us: int | None = None,
-        parents: Sequence[tuple[str, int]] = (),
-    ) -> MemoryItem:
-        self._check_text(text)
-        tag_tuple = tuple(tags)
+    def update(self, cube: str, item_id: str, **changes: Any) -> MemoryItem:
+        """Write a new version with the given fields changed (``Planner.update``)."""
+        return self.atomic(lambda p: p.update(cube, item_id, **changes))
 
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            _require_cube_exists(view, cube)
-            item = versioning.new_item(
-                id=self._ids(now),
-                cube=cube,
-                text=text,
-                now_us=now,
-                form=form,
-                tier=tier,
-                actor=actor,
-                source=source,
-                session=session,
-                parents=tuple(parents),
-                tags=tag_tuple,
-                metadata=metadata,
-                payload=payload,
-                importance=importance,
-                ttl_s=ttl_s,
-                valid_from_us=valid_from_us,
-                valid_to_us=valid_to_us,
-            )
-            return item, [ItemPut(item)]
-
-        result: MemoryItem = self._submit(plan)
-        return result
-
-    def update(
-        self,
-        cube: str,
-        item_id: str,
-        *,
-        actor: str | None = None,
-        expected_version: int | None = None,
-        operation: str = "update",
-        **changes: Any,
-    ) -> MemoryItem:
-        unknown = set(changes) - set(versioning.REVISABLE_FIELDS)
-        if unknown:
-            raise BadRequest(f"cannot update field(s) {sorted(unknown)}")
-        if changes.get("text", versioning.NOT_GIVEN) is not versioning.NOT_GIVEN:
-            self._check_text(changes["text"])
-        try:
-            op = Operation(operation)
-        except ValueError:
-            raise BadRequest(f"unknown operation {operation!r}") from None
-
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            current = _require_item(view, cube, item_id)
-            item = versioning.revise(
-                current,
-                now_us=now,
-                actor=actor,
-                operation=op,
-                expected_version=expected_version,
-                **changes,
-            )
-            return item, [ItemPut(item)]
-
-        result: MemoryItem = self._submit(plan)
-        return result
+    def archive(self, cube: str, item_id: str, **fields: Any) -> MemoryItem:
+        return self.atomic(lambda p: p.archive(cube, item_id, **fields))
 
     def rollback(
         self, cube: str, item_id: str, version: int, *, actor: str | None = None
     ) -> MemoryItem:
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            _require_item(view, cube, item_id)
-            item = versioning.rollback(
-                view.history(cube, item_id), version, now_us=now, actor=actor
-            )
-            return item, [ItemPut(item)]
-
-        result: MemoryItem = self._submit(plan)
-        return result
+        return self.atomic(lambda p: p.rollback(cube, item_id, version, actor=actor))
 
     def delete(self, cube: str, item_id: str, *, actor: str | None = None) -> MemoryItem:
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            current = _require_item(view, cube, item_id)
-            item = versioning.tombstone(current, now_us=now, actor=actor)
-            return item, [ItemPut(item)]
-
-        result: MemoryItem = self._submit(plan)
-        return result
+        return self.atomic(lambda p: p.delete(cube, item_id, actor=actor))
 
     def purge(
         self, cube: str, item_id: str, *, actor: str | None = None, reason: str | None = None
     ) -> PurgeRecord:
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            _require_cube(view, cube)
-            versions = view.history(cube, item_id)
-            if not versions:
-                raise _item_not_found(view, cube, item_id)
-            record = PurgeRecord(
-                cube=cube,
-                id=item_id,
-                versions=len(versions),
-                purged_us=now,
-                actor=actor,
-                reason=reason,
-            )
-            return record, [ItemPurge(record)]
-
-        result: PurgeRecord = self._submit(plan)
-        return result
+        return self.atomic(lambda p: p.purge(cube, item_id, actor=actor, reason=reason))
 
     def set_grant(
         self, cube: str, principal: str, level: str | None, *, actor: str | None = None
     ) -> None:
-        if level is not None and level not in _GRANT_LEVELS:
-            raise BadRequest(f"grant level must be one of {_GRANT_LEVELS}, not {level!r}")
-        if not principal or "\x00" in principal:
-            raise BadRequest("principal must be a non-empty string without NUL")
-
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            _require_cube(view, cube)
-            return None, [GrantSet(cube, principal, level)]
-
-        self._submit(plan)
+        self.atomic(lambda p: p.set_grant(cube, principal, level))
 
     def put_token(
         self, name: str, *, token_hash: bytes, principal: str, actor: str | None = None
     ) -> None:
-        if not name or "\x00" in name or len(name) > 128:
-            raise BadRequest("token name must be 1-128 characters without NUL")
-        if len(token_hash) != 32:
-            raise BadRequest("token_hash must be a 32-byte sha256 digest")
-
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            if view.token(name) is not None:
-                raise Conflict(f"token {name!r} already exists")
-            return None, [TokenPut(name, principal, token_hash, now)]
-
-        self._submit(plan)
+        self.atomic(lambda p: p.put_token(name, token_hash=token_hash, principal=principal))
 
     def delete_token(self, name: str, *, actor: str | None = None) -> None:
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            if view.token(name) is None:
-                raise NotFound(f"no token named {name!r}")
-            return None, [TokenDelete(name)]
-
-        self._submit(plan)
+        self.atomic(lambda p: p.delete_token(name))
 
     def import_cube(
         self,
@@ -999,25 +889,70 @@ class Engine:
         owner: str | None = None,
         actor: str | None = None,
     ) -> MemCube:
+        """Create a cube from an export, atomically (one WAL record)."""
         target = name or export.cube.name
         validate_cube_name(target)
 
-        def plan(view: StoreView, now: int) -> tuple[Any, list[Mutation]]:
-            if view.cube(target) is not None:
+        def plan(p: Planner) -> MemCube:
+            if p.view.has_cube(target):
                 raise Conflict(f"cube {target!r} already exists")
             cube = replace(export.cube, name=target, owner=owner or export.cube.owner)
-            mutations: list[Mutation] = [CubePut(cube)]
-            for versions in export.items:
-                for item in versions:
-                    mutations.append(ItemPut(replace(item, cube=target, usage=Usage())))
+            p.emit(CubePut(cube))
+            p.import_items(cube, export.items)
             for record in export.purges:
-                mutations.append(ItemPurge(replace(record, cube=target)))
+                p.emit(ItemPurge(replace(record, cube=target)))
             for principal, level in export.grants.items():
-                mutations.append(GrantSet(target, principal, level))
-            return cube, mutations
+                p.set_grant(target, principal, level)
+            return cube
 
-        result: MemCube = self._submit(plan)
-        return result
+        return self.atomic(plan)
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def submit_job(self, kind: str, **fields: Any) -> jobs.Job:
+        """Queue a durable job (``Planner.submit_job``)."""
+        return self.atomic(lambda p: p.submit_job(kind, **fields))
+
+    def transition_job(
+        self,
+        job_id: str,
+        change: Callable[[jobs.Job, int], jobs.Job],
+        *,
+        expected_revision: int | None = None,
+    ) -> jobs.Job:
+        """Apply a pure state transition from :mod:`memosd.scheduler.jobs`, durably."""
+        return self.atomic(
+            lambda p: p.transition_job(job_id, change, expected_revision=expected_revision)
+        )
+
+    def get_job(self, job_id: str) -> jobs.Job:
+        def read(view: StoreView) -> jobs.Job:
+            job = view.job(job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            return job
+
+        return self._read(read)
+
+    def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        cube: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+    ) -> list[jobs.Job]:
+        def read(view: StoreView) -> list[jobs.Job]:
+            out = [
+                j
+                for j in view.jobs()
+                if (state is None or j.state == state)
+                and (cube is None or j.cube == cube)
+                and (kind is None or j.kind == kind)
+            ]
+            return sorted(out, key=lambda j: j.id)[-limit:] if limit else []
+
+        return self._read(read)
 
     def record_hits(self, cube: str, item_ids: Iterable[str], *, now_us: int | None = None) -> None:
         """Count search hits; flushed to LMDB in batches, never one WAL record per hit."""
@@ -1026,17 +961,6 @@ class Engine:
             for item_id in item_ids:
                 hits, _ = self._pending_hits.get((cube, item_id), (0, at))
                 self._pending_hits[(cube, item_id)] = (hits + 1, at)
-
-    def _check_text(self, text: object) -> None:
-        if not isinstance(text, str):
-            raise BadRequest("text must be a string")
-        if len(text.encode()) > self.settings.max_text_bytes:
-            raise TooLarge(f"text is larger than max_text_bytes={self.settings.max_text_bytes}")
-
-
-def _require_cube_exists(view: StoreView, name: str) -> None:
-    if not view.has_cube(name):
-        raise NotFound(f"no cube named {name!r}")
 
 
 def _require_cube(view: StoreView, name: str) -> MemCube:
@@ -1050,14 +974,6 @@ def _item_not_found(view: StoreView, cube: str, item_id: str) -> NotFound:
     if view.purge_record(cube, item_id) is not None:
         return NotFound(f"item {item_id} was purged", reason="purged")
     return NotFound(f"no item {item_id} in cube {cube!r}")
-
-
-def _require_item(view: StoreView, cube: str, item_id: str) -> MemoryItem:
-    _require_cube_exists(view, cube)
-    item = view.latest(cube, item_id)
-    if item is None:
-        raise _item_not_found(view, cube, item_id)
-    return item
 
 
 def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:
@@ -1077,14 +993,20 @@ def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:
             return ChangeEvent("acl_changed", cube, None, None, lsn)
         case TokenPut() | TokenDelete():
             return ChangeEvent("acl_changed", None, None, None, lsn)
+        case JobPut(job):
+            return ChangeEvent("job_changed", job.cube, job.id, job.revision, lsn, job.state)
     raise TypeError(mutation)  # pragma: no cover
 
 
 def _record_logged(view: StoreView, events: Sequence[ChangeEvent]) -> None:
     """Write the change log entries and the applied LSN of a logged batch."""
-    for event in events:
+    index = 0
+    for i, event in enumerate(events):
+        index = index + 1 if i and events[i - 1].lsn == event.lsn else 0
         view.record_change(
-            event.lsn, [event.kind, event.cube, event.item_id, event.version, event.operation]
+            event.lsn,
+            index,
+            [event.kind, event.cube, event.item_id, event.version, event.operation],
         )
     view.set_applied_lsn(events[-1].lsn)
 

@@ -1,4 +1,5 @@
-"""Run mypy --strict on the installed package layout.
+"""Run mypy --strict on the installed package layout (args: paths under the
+staged tree, e.g. ``memosd/engine.py``; default: the whole package).
 
 The design card's folders (wal/, memcube/, ...) are installed as
 ``memosd.wal`` etc. through a setuptools package-dir mapping, which mypy
@@ -30,7 +31,8 @@ def main() -> int:
     for package, folder in mapping.items():
         if package != "memosd":
             (stage / package.replace(".", "/")).symlink_to(ROOT / folder)
-    cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), "memosd"]
+    targets = sys.argv[1:] or ["memosd"]
+    cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), *targets]
     return subprocess.call(cmd, cwd=stage)
 
 

@@ -37,7 +37,8 @@ principals cannot contain it, item ids are 26-character ULIDs)::
     tokenhash sha256(secret)             -> name
     usage     cube \\0 id                 -> msgpack [hits, last_hit_us, heat]
     blobrefs  sha256 hex                 -> u64 number of stored versions referencing it
-    changes   u64be(lsn)                 -> msgpack [kind, cube, item_id, version, operation]
+    changes   u64be(lsn) u32be(index)    -> msgpack [kind, cube, item_id, version, operation]
+    jobs      job id                     -> scheduler.jobs.encode_job (durable job state)
 
 ``meta`` also holds ``consumer:<name>`` (the LSN a derived index has durably
 processed, see ``Engine.set_consumer_lsn``) and ``changes_horizon`` (the

@@ -48,6 +48,7 @@ DB_NAMES: Final = (
     "usage",
     "blobrefs",
     "changes",
+    "jobs",
 )
 
 _META_MAGIC: Final = 0xBEEFC0DE

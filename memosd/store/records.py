@@ -8,6 +8,7 @@ carry their own schema version.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from memosd.errors import CodecError
 from memosd.memcube import codec
 from memosd.memcube.model import MemCube, MemoryItem, PurgeRecord, Usage
+from memosd.scheduler.jobs import Job, decode_job, encode_job
 
 __all__ = [
     "CubeDrop",
@@ -22,11 +24,14 @@ __all__ = [
     "GrantSet",
     "ItemPurge",
     "ItemPut",
+    "JobPut",
     "Mutation",
     "RecordType",
     "TokenDelete",
     "TokenPut",
     "decode_mutation",
+    "decode_record",
+    "encode_atomic",
     "encode_mutation",
 ]
 
@@ -42,6 +47,10 @@ class RecordType(IntEnum):
     GRANT_SET = 5
     TOKEN_PUT = 6
     TOKEN_DELETE = 7
+    JOB_PUT = 8
+    # Several mutations of one request, all or nothing: payload is a msgpack
+    # list of [record type, payload] pairs (never nested).
+    ATOMIC = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +93,35 @@ class TokenDelete:
     name: str
 
 
-Mutation = CubePut | CubeDrop | ItemPut | ItemPurge | GrantSet | TokenPut | TokenDelete
+@dataclass(frozen=True, slots=True)
+class JobPut:
+    job: Job
+
+
+Mutation = CubePut | CubeDrop | ItemPut | ItemPurge | GrantSet | TokenPut | TokenDelete | JobPut
+
+
+def encode_atomic(records: Sequence[tuple[int, bytes]]) -> tuple[int, bytes]:
+    """One WAL record carrying several already-encoded mutations."""
+    return RecordType.ATOMIC, codec.packb([[rtype, payload] for rtype, payload in records])
+
+
+def decode_record(rtype: int, payload: bytes) -> list[tuple[Mutation, bytes]]:
+    """The mutations in one WAL record, each with its own encoded payload."""
+    if rtype != RecordType.ATOMIC:
+        return [(decode_mutation(rtype, payload), payload)]
+    parts = codec.unpackb(payload)
+    if not isinstance(parts, list):
+        raise CodecError("malformed ATOMIC WAL record")
+    out: list[tuple[Mutation, bytes]] = []
+    for part in parts:
+        if not (isinstance(part, list) and len(part) == 2 and isinstance(part[1], bytes)):
+            raise CodecError("malformed ATOMIC WAL record part")
+        inner_type, inner_payload = part
+        if inner_type == RecordType.ATOMIC:
+            raise CodecError("nested ATOMIC WAL record")
+        out.append((decode_mutation(int(inner_type), inner_payload), inner_payload))
+    return out
 
 
 def encode_mutation(mutation: Mutation) -> tuple[int, bytes]:
@@ -111,6 +148,8 @@ def encode_mutation(mutation: Mutation) -> tuple[int, bytes]:
             )
         case TokenDelete(name):
             return RecordType.TOKEN_DELETE, codec.packb({"name": name})
+        case JobPut(job):
+            return RecordType.JOB_PUT, encode_job(job)
     raise TypeError(f"not a mutation: {mutation!r}")  # pragma: no cover
 
 
@@ -134,6 +173,10 @@ def decode_mutation(rtype: int, payload: bytes) -> Mutation:
             return ItemPut(codec.decode_item(payload))
         if kind is RecordType.ITEM_PURGE:
             return ItemPurge(codec.decode_purge(payload))
+        if kind is RecordType.JOB_PUT:
+            return JobPut(decode_job(payload))
+        if kind is RecordType.ATOMIC:
+            raise CodecError("ATOMIC records hold several mutations: use decode_record")
         if kind is RecordType.CUBE_DROP:
             return CubeDrop(str(_fields(payload, ("name",))["name"]))
         if kind is RecordType.GRANT_SET:

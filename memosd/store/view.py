@@ -15,6 +15,7 @@ import lmdb
 
 from memosd.memcube import codec
 from memosd.memcube.model import MemCube, MemoryItem, PurgeRecord, Usage
+from memosd.scheduler.jobs import Job, decode_job, encode_job
 from memosd.store import keys
 from memosd.store.blobs import is_blob_ref
 from memosd.store.records import (
@@ -23,6 +24,7 @@ from memosd.store.records import (
     GrantSet,
     ItemPurge,
     ItemPut,
+    JobPut,
     Mutation,
     TokenDelete,
     TokenPut,
@@ -202,11 +204,22 @@ class StoreView:
                 doc = {"principal": principal, "hash": token_hash, "created_us": created_us}
                 self.txn.put(name.encode(), codec.packb(doc), db=self.dbs["tokens"])
                 self.txn.put(token_hash, name.encode(), db=self.dbs["tokenhash"])
+            case JobPut(job):
+                self.txn.put(job.id.encode(), payload or encode_job(job), db=self.dbs["jobs"])
             case TokenDelete(name):
                 existing = self.token(name)
                 if existing is not None:
                     self.txn.delete(existing.token_hash, db=self.dbs["tokenhash"])
                 self.txn.delete(name.encode(), db=self.dbs["tokens"])
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job | None:
+        raw = self._get("jobs", job_id.encode())
+        return None if raw is None else decode_job(raw)
+
+    def jobs(self) -> list[Job]:
+        return [decode_job(value) for _, value in self._scan("jobs", b"")]
 
     # -- blob references and the change log ---------------------------------------------
 
@@ -231,15 +244,17 @@ class StoreView:
             for sha in blob_refs(codec.decode_item(value)):
                 self._add_blob_ref(sha, -1)
 
-    def record_change(self, lsn: int, change: list[Any]) -> None:
-        self.txn.put(keys.pack_u64(lsn), codec.packb(change), db=self.dbs["changes"])
+    def record_change(self, lsn: int, index: int, change: list[Any]) -> None:
+        """Change ``index`` of the record at ``lsn`` (an ATOMIC record has several)."""
+        key = keys.pack_u64(lsn) + keys.pack_u32(index)
+        self.txn.put(key, codec.packb(change), db=self.dbs["changes"])
 
     def changes_since(self, after_lsn: int, limit: int) -> list[tuple[int, list[Any]]]:
         out: list[tuple[int, list[Any]]] = []
         for key, value in self._scan("changes", b"", start=keys.pack_u64(after_lsn + 1)):
             if len(out) >= limit:
                 break
-            out.append((keys.unpack_u64(key), codec.unpackb(value)))
+            out.append((keys.unpack_u64(key[:8]), codec.unpackb(value)))
         return out
 
     def prune_changes(self, up_to_lsn: int) -> int:
@@ -247,7 +262,7 @@ class StoreView:
         with self.txn.cursor(db=self.dbs["changes"]) as cur:
             if not cur.first():
                 return 0
-            while keys.unpack_u64(bytes(cur.key())) <= up_to_lsn:
+            while keys.unpack_u64(bytes(cur.key())[:8]) <= up_to_lsn:
                 if not cur.delete():
                     break
                 removed += 1

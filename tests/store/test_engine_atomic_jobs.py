@@ -1,0 +1,133 @@
+"""Atomic multi-write requests and durable jobs."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memosd.engine import Engine
+from memosd.errors import Conflict, NotFound
+from memosd.scheduler import jobs
+from memosd.store.planner import Planner
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    with Engine.open(tmp_path / "data") as eng:
+        eng.create_cube("c", owner="uid:0")
+        yield eng
+
+
+def test_atomic_request_commits_all_or_nothing(engine: Engine) -> None:
+    a = engine.add("c", "turn 1", tier="mid")
+    b = engine.add("c", "turn 2", tier="mid")
+
+    def consolidate(p: Planner) -> str:
+        fact = p.add("c", "fact from turns", tier="long", parents=[(a.id, 1), (b.id, 1)])
+        p.archive("c", a.id)
+        p.archive("c", b.id)
+        return fact.id
+
+    fact_id = engine.atomic(consolidate)
+    assert engine.get("c", fact_id).tier == "long"
+    assert engine.get("c", a.id).status == "archived"
+
+    def half_then_fail(p: Planner) -> None:
+        p.add("c", "should vanish")
+        p.archive("c", "01ARZ3NDEKTSV4RRFFQ69G5FAV")  # NotFound after a write
+
+    before = {i.id for i in engine.list_items("c", status=None, limit=100)}
+    with pytest.raises(NotFound):
+        engine.atomic(half_then_fail)
+    after = {i.id for i in engine.list_items("c", status=None, limit=100)}
+    assert after == before
+
+
+def test_atomic_request_is_one_wal_record(engine: Engine, tmp_path: Path) -> None:
+    start = engine.status()["last_lsn"]
+    engine.atomic(lambda p: [p.add("c", f"x{i}") for i in range(5)])
+    assert engine.status()["last_lsn"] == start + 1
+    changes = engine.changes_since(start)
+    assert len(changes) == 5
+    assert {c.lsn for c in changes} == {start + 1}
+
+
+def test_torn_atomic_record_leaves_nothing(tmp_path: Path) -> None:
+    """Cut the log inside an ATOMIC record: none of its writes may survive."""
+    data = tmp_path / "data"
+    with Engine.open(data) as eng:
+        eng.create_cube("c", owner="uid:0")
+        eng.add("c", "kept")
+    image = tmp_path / "image"
+    # Crash image: LMDB from before the atomic write, WAL with a torn record.
+    with Engine.open(data) as eng:
+        eng.checkpoint()
+        shutil.copytree(data, image)
+        eng.atomic(lambda p: [p.add("c", f"part {i}") for i in range(4)])
+    wal_dir = data / "wal"
+    segment = sorted(wal_dir.glob("*.wal"))[-1]
+    torn = segment.read_bytes()[:-10]
+    (image / "wal" / segment.name).write_bytes(torn)
+    with Engine.open(image) as eng:
+        texts = {i.text for i in eng.list_items("c", limit=100)}
+    assert texts == {"kept"}
+
+
+def test_job_lifecycle_is_durable(tmp_path: Path) -> None:
+    with Engine.open(tmp_path) as eng:
+        eng.create_cube("c", owner="uid:0")
+        job = eng.submit_job("tier.consolidate", cube="c", args={"segment": "s1"}, dedup_key="k")
+        assert job.state == "queued"
+        assert eng.submit_job("tier.consolidate", cube="c", dedup_key="k").id == job.id
+        running = eng.transition_job(job.id, jobs.start)
+        assert (running.state, running.attempts) == ("running", 1)
+        with pytest.raises(Conflict):
+            eng.transition_job(job.id, jobs.start)
+    # Crash while running: reopen finds it running, the scheduler requeues it.
+    with Engine.open(tmp_path) as eng:
+        found = eng.get_job(job.id)
+        assert found.state == "running"
+        requeued = eng.transition_job(job.id, jobs.requeue_interrupted)
+        assert requeued.state == "queued"
+        again = eng.transition_job(job.id, jobs.start)
+        done = eng.atomic(
+            lambda p: (
+                p.add("c", "effect"),
+                p.transition_job(job.id, lambda j, now: jobs.succeed(j, now, {"n": 1})),
+            )[1]
+        )
+        assert done.state == "succeeded"
+        assert again.attempts == 2
+        assert [j.id for j in eng.list_jobs(state="succeeded")] == [job.id]
+
+
+def test_failed_attempts_back_off_then_fail_visibly(engine: Engine) -> None:
+    job = engine.submit_job("kv.build", max_attempts=2)
+    job = engine.transition_job(job.id, jobs.start)
+    job = engine.transition_job(job.id, lambda j, now: jobs.fail(j, now, {"message": "boom"}))
+    assert job.state == "queued"
+    assert job.not_before_us > job.updated_us - 1
+    job = engine.transition_job(job.id, jobs.start)
+    job = engine.transition_job(job.id, lambda j, now: jobs.fail(j, now, {"message": "boom"}))
+    assert job.state == "failed"
+    assert job.error == {"message": "boom"}
+
+
+def test_power_loss_replays_atomic_records(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    eng = Engine.open(data, boot_id="A")
+    eng.create_cube("c", owner="uid:0")
+    eng.checkpoint()
+    snapshot = (data / "store" / "data.mdb").read_bytes()
+    eng.atomic(lambda p: [p.add("c", f"r{i}") for i in range(3)])
+    image = tmp_path / "image"
+    shutil.copytree(data, image)
+    eng.close()
+    # Nothing LMDB wrote after the checkpoint reached the disk.
+    (image / "store" / "data.mdb").write_bytes(snapshot)
+    with Engine.open(image, boot_id="B") as recovered:
+        assert recovered.recovery["replayed_records"] == 1
+        assert sorted(i.text for i in recovered.list_items("c")) == ["r0", "r1", "r2"]
