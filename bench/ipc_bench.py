@@ -1,0 +1,246 @@
+"""IPC benchmark: memosd ``get``/``add`` against a bare pyzmq ROUTER/DEALER echo.
+
+Everything runs in one invocation on the same machine, so the ratios are
+meaningful even when absolute numbers are noisy:
+
+* a real memosd (subprocess, temporary data dir and socket);
+* a bare sync pyzmq ROUTER echo server (subprocess) answering with a reply of
+  the same size as memosd's ``get`` reply: the physical limit of this IPC;
+* the same echo on zmq.asyncio under anyio (the daemon's own stack).
+
+Measured:
+
+1. Round trip, 1 client, sequential: p50/p99 of ``get`` through a raw DEALER
+   (pre-encoded request), through ``memosd.client.Client.get`` (adds client
+   encode/decode), and of the two echoes.
+2. Throughput with 16 client processes each pipelining ``--window`` requests:
+   ``get``, ``add`` (durable: WAL fsync, group commit; no embedding), echo.
+
+Usage: ``python bench/ipc_bench.py [--n 5000] [--seconds 3] [--clients 16]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from memosd.protocol import encode_request
+from memosd.testing import DaemonHandle
+
+ECHO_SYNC = r"""
+import sys, zmq
+endpoint, size = sys.argv[1], int(sys.argv[2])
+payload = b"x" * size
+ctx = zmq.Context()
+s = ctx.socket(zmq.ROUTER)
+s.bind(endpoint)
+print("ready", flush=True)
+while True:
+    frames = s.recv_multipart()
+    s.send_multipart([frames[0], payload])
+"""
+
+ECHO_ASYNC = r"""
+import sys, anyio, zmq, zmq.asyncio
+endpoint, size = sys.argv[1], int(sys.argv[2])
+payload = b"x" * size
+async def main():
+    ctx = zmq.asyncio.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(endpoint)
+    print("ready", flush=True)
+    while True:
+        frames = await s.recv_multipart()
+        await s.send_multipart([frames[0], payload])
+anyio.run(main, backend="asyncio")
+"""
+
+
+def start_echo(code: str, endpoint: str, size: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, endpoint, str(size)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    samples = sorted(samples)
+    p50 = samples[len(samples) // 2]
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    return p50 * 1e6, p99 * 1e6, statistics.fmean(samples) * 1e6
+
+
+def rtt_raw(endpoint: str, request: list[bytes], n: int) -> list[float]:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(endpoint)
+    for _ in range(200):  # warm-up
+        s.send_multipart(request)
+        s.recv_multipart()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        s.send_multipart(request)
+        s.recv_multipart()
+        out.append(time.perf_counter() - t0)
+    s.close(linger=0)
+    ctx.term()
+    return out
+
+
+def rtt_client(socket: Path, cube: str, item_id: str, n: int) -> list[float]:
+    from memosd.client import Client
+
+    out = []
+    with Client(socket) as c:
+        for _ in range(200):
+            c.get(cube, item_id)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            c.get(cube, item_id)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def pipelined_worker(  # noqa: PLR0917 - a multiprocessing target takes positional args
+    endpoint: str,
+    request: list[bytes],
+    seconds: float,
+    window: int,
+    barrier: Any,
+    results: Any,
+    check: bool,
+) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    s.send_multipart(request)  # connect and warm up
+    s.recv_multipart()
+    barrier.wait()
+    done = 0
+    for _ in range(window):
+        s.send_multipart(request)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        reply = s.recv_multipart()
+        done += 1
+        if done == 1 and check and msgpack.unpackb(reply[0]).get("ok") is False:
+            raise SystemExit(f"request failed: {msgpack.unpackb(reply[0])}")
+        s.send_multipart(request)
+    for _ in range(window):  # drain what is still in flight
+        if s.poll(5000):
+            s.recv_multipart()
+    results.put(done)
+    s.close(linger=0)
+    ctx.term()
+
+
+def throughput(  # noqa: PLR0917
+    endpoint: str, request: list[bytes], clients: int, seconds: float, window: int, check: bool
+) -> float:
+    mpc = mp.get_context("spawn")
+    barrier = mpc.Barrier(clients + 1)
+    results = mpc.Queue()
+    procs = [
+        mpc.Process(
+            target=pipelined_worker,
+            args=(endpoint, request, seconds, window, barrier, results, check),
+        )
+        for _ in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    total = sum(results.get(timeout=seconds + 60) for _ in procs)
+    for p in procs:
+        p.join()
+    return total / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=5000, help="sequential round trips per row")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per throughput row")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--window", type=int, default=16, help="requests in flight per client")
+    parser.add_argument("--text-bytes", type=int, default=300)
+    args = parser.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="memosd-bench-"))
+    daemon = DaemonHandle(base, env={"MEMOSD_LOG_LEVEL": "warning"}).start()
+    echo_procs: list[subprocess.Popen[str]] = []
+    try:
+        with daemon.client() as c:
+            c.create_cube("bench")
+            item = c.add("bench", "m" * args.text_bytes, tags=["t"], metadata={"k": 1})
+        endpoint = f"ipc://{daemon.socket}"
+        get_req = encode_request(1, "get", {"cube": "bench", "id": item.id})
+        add_req = encode_request(2, "add", {"cube": "bench", "text": "a" * args.text_bytes})
+        # The size of a get reply, so the echo moves the same bytes.
+        probe = zmq.Context()
+        ps = probe.socket(zmq.DEALER)
+        ps.connect(endpoint)
+        ps.send_multipart(get_req)
+        reply_size = sum(len(f) for f in ps.recv_multipart())
+        ps.close(linger=0)
+        probe.term()
+
+        echo_sync = f"ipc://{base}/echo-sync.sock"
+        echo_async = f"ipc://{base}/echo-async.sock"
+        echo_procs.append(start_echo(ECHO_SYNC, echo_sync, reply_size))
+        echo_procs.append(start_echo(ECHO_ASYNC, echo_async, reply_size))
+        echo_req = [b"e" * len(get_req[0])]
+
+        lat = {
+            "bare echo, sync pyzmq": rtt_raw(echo_sync, echo_req, args.n),
+            "bare echo, zmq.asyncio+anyio": rtt_raw(echo_async, echo_req, args.n),
+            "memosd get (raw DEALER)": rtt_raw(endpoint, get_req, args.n),
+            "memosd get (Client.get)": rtt_client(daemon.socket, "bench", item.id, args.n),
+        }
+        base_p50 = percentiles(lat["bare echo, sync pyzmq"])[0]
+        print(
+            f"\nround trip, 1 client, {args.n} sequential requests; "
+            f"request {len(get_req[0])} B, reply {reply_size} B, cpus={os.cpu_count()}"
+        )
+        print(f"{'':32} {'p50 us':>9} {'p99 us':>9} {'mean us':>9} {'p50/echo':>9}")
+        for name, samples in lat.items():
+            p50, p99, mean = percentiles(samples)
+            print(f"{name:32} {p50:9.1f} {p99:9.1f} {mean:9.1f} {p50 / base_p50:9.2f}")
+
+        print(
+            f"\nthroughput, {args.clients} client processes x {args.window} pipelined, "
+            f"{args.seconds:g}s each"
+        )
+        print(f"{'':32} {'req/s':>10}")
+        for name, ep, req in [
+            ("bare echo, sync pyzmq", echo_sync, echo_req),
+            ("bare echo, zmq.asyncio+anyio", echo_async, echo_req),
+            ("memosd get", endpoint, get_req),
+            ("memosd add (durable)", endpoint, add_req),
+        ]:
+            check = ep == endpoint
+            rate = throughput(ep, req, args.clients, args.seconds, args.window, check)
+            print(f"{name:32} {rate:10.0f}")
+    finally:
+        for p in echo_procs:
+            p.kill()
+            p.wait()
+        daemon.cleanup()
+
+
+if __name__ == "__main__":
+    main()

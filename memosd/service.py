@@ -1,0 +1,850 @@
+"""Op handlers: typed argument parsing, access checks, engine calls.
+
+:class:`Service` turns one decoded :class:`~memosd.protocol.Request` into a
+:class:`~memosd.protocol.Reply` or raises a :class:`MemosError`.  The op
+registry (:data:`OPS`) maps op names to handlers; each handler parses its
+arguments with :class:`Args` (wrong types and unknown fields are BadRequest
+naming the field), checks access through :mod:`memosd.auth`, then calls the
+engine.
+
+Engine calls that may wait for the disk (every write, scans, checkpoints) run
+in a pool of worker threads (``thread_limit``); point reads (``get``,
+``history``, cube and ACL lookups) run inline on the event loop because they
+are LMDB read transactions of a few microseconds that never take the writer
+lock, and a thread hop would cost more than the read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from memosd import __version__
+from memosd.auth import (
+    Identity,
+    Peer,
+    access_level,
+    hash_token,
+    new_token_secret,
+    require_admin,
+    require_level,
+    resolve_identity,
+    validate_principal,
+)
+from memosd.errors import BadRequest, InternalError, NotFound, Unavailable
+from memosd.memcube.model import CubeConfig, validate_cube_config
+from memosd.portable import dump_cube, load_cube
+from memosd.protocol import FRAME_KEY, PROTOCOL_VERSION, Reply, Request, item_to_wire, to_wire
+
+__all__ = ["OPS", "Args", "Service", "lexical_scan_search"]
+
+T = TypeVar("T")
+Handler = Callable[["Service", "Call"], Any]  # returns the result, or an awaitable of it
+
+
+@dataclass(frozen=True, slots=True)
+class OpSpec:
+    """One op: its handler, and whether it runs inline on the event loop.
+
+    Inline handlers are plain functions doing only microsecond LMDB reads;
+    the server runs them straight from its receive loop (no task, no
+    thread).  The others are coroutines that may wait for worker threads.
+    """
+
+    handler: Handler
+    inline: bool
+
+
+OPS: dict[str, OpSpec] = {}
+_NOT_GIVEN: Final = object()
+_CACHE_MAX: Final = 10_000
+_ACL_EVENTS: Final = frozenset({"cube_created", "cube_dropped", "acl_changed"})
+_SCAN_PAGE: Final = 512
+MAX_K: Final = 1000
+MAX_LIST_LIMIT: Final = 1000
+_TOKEN_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def op(name: str, *, inline: bool = False) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        OPS[name] = OpSpec(fn, inline)
+        return fn
+
+    return register
+
+
+# --- argument parsing -----------------------------------------------------------
+
+
+class Args:
+    """Typed access to a request's ``args`` map; every getter names the field on error."""
+
+    __slots__ = ("_op", "_raw", "_seen")
+
+    def __init__(self, op_name: str, raw: dict[str, Any]) -> None:
+        self._op = op_name
+        self._raw = raw
+        self._seen: set[str] = set()
+
+    def _bad(self, name: str, expected: str) -> BadRequest:
+        got = type(self._raw.get(name)).__name__
+        return BadRequest(
+            f"{self._op}: argument {name!r} must be {expected}, got {got}",
+            reason="bad_arg",
+            field=name,
+        )
+
+    def has(self, name: str) -> bool:
+        return name in self._raw
+
+    def _get(self, name: str, required: bool) -> Any:
+        self._seen.add(name)
+        if name not in self._raw:
+            if required:
+                raise BadRequest(
+                    f"{self._op}: missing argument {name!r}", reason="missing_arg", field=name
+                )
+            return _NOT_GIVEN
+        return self._raw[name]
+
+    def req_str(self, name: str) -> str:
+        value = self._get(name, True)
+        if type(value) is not str:
+            raise self._bad(name, "a string")
+        return value
+
+    def opt_str(self, name: str) -> str | None:
+        value = self._get(name, False)
+        if value is _NOT_GIVEN or value is None:
+            return None
+        if type(value) is not str:
+            raise self._bad(name, "a string or nil")
+        return value
+
+    def req_int(self, name: str) -> int:
+        value = self._get(name, True)
+        if type(value) is not int:
+            raise self._bad(name, "an integer")
+        return value
+
+    def opt_int(self, name: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
+        value = self._get(name, False)
+        if value is _NOT_GIVEN or value is None:
+            return None
+        if type(value) is not int:
+            raise self._bad(name, "an integer or nil")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise BadRequest(
+                f"{self._op}: argument {name!r} must be in {lo}..{hi}, got {value}",
+                reason="bad_arg",
+                field=name,
+            )
+        return value
+
+    def opt_float(self, name: str) -> float | None:
+        value = self._get(name, False)
+        if value is _NOT_GIVEN or value is None:
+            return None
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise self._bad(name, "a finite number")
+        return float(value)
+
+    def opt_map(self, name: str) -> dict[str, Any] | None:
+        value = self._get(name, False)
+        if value is _NOT_GIVEN or value is None:
+            return None
+        if type(value) is not dict:
+            raise self._bad(name, "a map")
+        return value
+
+    def opt_str_list(self, name: str) -> list[str] | None:
+        value = self._get(name, False)
+        if value is _NOT_GIVEN or value is None:
+            return None
+        if type(value) is not list or any(type(v) is not str for v in value):
+            raise self._bad(name, "a list of strings")
+        return value
+
+    def req_bytes(self, name: str) -> bytes:
+        value = self._get(name, True)
+        if type(value) is not bytes:
+            raise self._bad(name, "binary (bin or a frame reference)")
+        return value
+
+    def raw(self, name: str) -> Any:
+        """The value as sent (the engine validates it), or ``_NOT_GIVEN``."""
+        return self._get(name, False)
+
+    def done(self) -> None:
+        unknown = set(self._raw) - self._seen
+        if unknown:
+            raise BadRequest(
+                f"{self._op}: unknown arguments {sorted(unknown)}",
+                reason="unknown_arg",
+                fields=sorted(unknown),
+            )
+
+
+@dataclass(slots=True)
+class Call:
+    request: Request
+    identity: Identity
+    args: Args
+
+
+# --- search (placeholder until the hybrid index lands) ---------------------------
+
+_TERM_RE: Final = re.compile(r"\w+")
+
+
+def lexical_scan_search(
+    items: Iterable[Any], query: str, k: int, *, tags: Iterable[str] = ()
+) -> list[tuple[Any, float]]:
+    """Score items by plain term overlap with ``query``; the best ``k``, best first.
+
+    score = (distinct query terms found / distinct query terms)
+            + 0.5 if the whole query occurs as a substring
+            + 0.01 * min(total term occurrences, 10)        (a weak tie-break)
+    Items matching nothing are left out.  A linear scan: the hybrid
+    (dense + BM25) index replaces this function.
+    """
+    needle = query.casefold().strip()
+    terms = set(_TERM_RE.findall(needle))
+    want_tags = set(tags)
+    if not needle:
+        return []
+    scored: list[tuple[float, str, Any]] = []
+    for item in items:
+        if want_tags and not want_tags.issubset(item.tags):
+            continue
+        hay = item.text.casefold()
+        words = _TERM_RE.findall(hay)
+        found = terms.intersection(words)
+        score = len(found) / len(terms) if terms else 0.0
+        if needle in hay:
+            score += 0.5
+        if score <= 0.0:
+            continue
+        occurrences = sum(1 for w in words if w in terms)
+        score += 0.01 * min(occurrences, 10)
+        scored.append((score, item.id, item))
+    scored.sort(key=lambda entry: (-entry[0], entry[1]))
+    return [(item, round(score, 6)) for score, _, item in scored[:k]]
+
+
+# --- the service ----------------------------------------------------------------
+
+
+class Service:
+    """Dispatches requests to op handlers over one engine."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        admin_uids: Iterable[int] = (),
+        thread_limit: int = 64,
+        events_endpoint: str | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.admin_uids = frozenset({0, os.getuid(), *admin_uids})
+        # A plain executor: under load it costs half of anyio.to_thread's hop here.
+        self.executor = ThreadPoolExecutor(thread_limit, thread_name_prefix="memosd-op")
+        self.events_endpoint = events_endpoint
+        self.started = now()
+        self._now = now
+        self.inflight: Callable[[], int] = lambda: 0
+        # name -> (cube, grants); token hash -> record.  Filled on reads, cleared
+        # whenever ACL state may change (see invalidate_acl).
+        self._acl_cache: dict[str, tuple[Any, dict[str, str]]] = {}
+        self._token_cache: dict[bytes, Any] = {}
+
+    def _spec(self, request: Request) -> OpSpec:
+        spec = OPS.get(request.op)
+        if spec is None:
+            raise BadRequest(f"unknown op {request.op!r}", reason="unknown_op", op=request.op)
+        return spec
+
+    def _call(self, request: Request, peer: Peer | None) -> Call:
+        identity = resolve_identity(peer, request.token, self, self.admin_uids)
+        return Call(request, identity, Args(request.op, request.args))
+
+    def is_inline(self, op_name: str) -> bool:
+        spec = OPS.get(op_name)
+        return spec is None or spec.inline  # unknown ops fail fast, inline
+
+    def handle_inline(self, request: Request, peer: Peer | None) -> Reply:
+        """Run an inline op synchronously (the server calls this from its loop)."""
+        spec = self._spec(request)
+        if not spec.inline:
+            raise InternalError(f"{request.op} is not an inline op")
+        result = spec.handler(self, self._call(request, peer))
+        return result if isinstance(result, Reply) else Reply(result)
+
+    async def handle(self, request: Request, peer: Peer | None) -> Reply:
+        spec = self._spec(request)
+        result = spec.handler(self, self._call(request, peer))
+        if not spec.inline:
+            result = await result
+        return result if isinstance(result, Reply) else Reply(result)
+
+    # ACL state, cached: every request checks it, and it changes rarely.
+
+    def invalidate_acl(self) -> None:
+        """Forget cached cubes, grants and tokens (after any op that may change them)."""
+        self._acl_cache.clear()
+        self._token_cache.clear()
+
+    def on_change(self, kind: str) -> None:
+        """Change-feed hook (event loop thread): ACL-relevant events clear the cache."""
+        if kind in _ACL_EVENTS:
+            self.invalidate_acl()
+
+    def token_by_hash(self, token_hash: bytes) -> Any:
+        record = self._token_cache.get(token_hash)
+        if record is None:
+            record = self.engine.token_by_hash(token_hash)
+            if record is not None:
+                if len(self._token_cache) >= _CACHE_MAX:
+                    self._token_cache.clear()
+                self._token_cache[token_hash] = record
+        return record
+
+    def cube_acl(self, name: str) -> tuple[Any, dict[str, str]] | None:
+        entry = self._acl_cache.get(name)
+        if entry is None:
+            try:
+                cube = self.engine.get_cube(name)
+                grants = self.engine.grants(name)
+            except NotFound:
+                return None
+            entry = (cube, dict(grants))
+            if len(self._acl_cache) >= _CACHE_MAX:
+                self._acl_cache.clear()
+            self._acl_cache[name] = entry
+        return entry
+
+    # helpers used by handlers
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking engine call in a worker thread (asyncio backend).
+
+        Cancellation (request timeout, drain deadline) abandons the wait, not
+        the call: a write that times out may still be applied.
+        """
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+    def close(self) -> None:
+        """Stop the worker pool (waits for calls already running)."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    async def run_acl_change(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """:meth:`run` for ops that change cubes, grants or tokens: drop the ACL cache.
+
+        Cleared after the engine call returns (success or not) and before the
+        reply is sent, on the event loop thread, where every cache fill happens
+        too, so no request served after the reply can see the old state.
+        """
+        try:
+            return await self.run(fn, *args, **kwargs)
+        finally:
+            self.invalidate_acl()
+
+    def require_writable(self) -> None:
+        if not self.engine.healthy:
+            raise Unavailable(
+                "the storage engine is unhealthy and refuses writes; the daemon is restarting",
+                reason="unhealthy",
+            )
+
+    def level(self, identity: Identity, cube: str) -> tuple[Any, str | None]:
+        entry = self.cube_acl(cube)
+        if entry is None:
+            return None, None
+        info, grants = entry
+        return info, access_level(identity, info.owner, grants)
+
+    def require(self, identity: Identity, cube: str, needed: str) -> Any:
+        info, level = self.level(identity, cube)
+        require_level(level, needed, cube)
+        return info
+
+
+def _cube_wire(cube: Any, access: str | None = None) -> dict[str, Any]:
+    wire: dict[str, Any] = to_wire(cube)
+    if access is not None:
+        wire["access"] = access
+    return wire
+
+
+# --- ops: session ---------------------------------------------------------------
+
+
+@op("ping", inline=True)
+def _ping(svc: Service, call: Call) -> Any:
+    call.args.done()
+    return {
+        "pong": True,
+        "protocol": PROTOCOL_VERSION,
+        "version": __version__,
+        "events": svc.events_endpoint,
+    }
+
+
+@op("whoami", inline=True)
+def _whoami(svc: Service, call: Call) -> Any:
+    call.args.done()
+    ident = call.identity
+    peer = ident.peer
+    return {
+        "principal": ident.principal,
+        "admin": ident.admin,
+        "token": ident.token,
+        "uid": peer.uid if peer else None,
+        "gid": peer.gid if peer else None,
+        "pid": peer.pid if peer else None,
+    }
+
+
+@op("status")
+async def _status(svc: Service, call: Call) -> Any:
+    call.args.done()
+    result: dict[str, Any] = {
+        "version": __version__,
+        "protocol": PROTOCOL_VERSION,
+        "healthy": bool(svc.engine.healthy),
+        "uptime_s": round(svc._now() - svc.started, 3),
+        "pid": os.getpid(),
+    }
+    if call.identity.admin:
+        result["inflight"] = svc.inflight()
+        result["engine"] = to_wire(await svc.run(svc.engine.status))
+    return result
+
+
+# --- ops: cubes -----------------------------------------------------------------
+
+
+def _cube_config(raw: dict[str, Any] | None) -> Any:
+    if raw is None:
+        return None
+    allowed = {"embedding_model", "embedding_dim", "tier_policy", "extra"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise BadRequest(
+            f"create_cube: unknown config fields {sorted(unknown)}",
+            reason="bad_arg",
+            field="config",
+        )
+    try:
+        return validate_cube_config(CubeConfig(**raw))
+    except TypeError as exc:
+        raise BadRequest(
+            f"create_cube: bad config: {exc}", reason="bad_arg", field="config"
+        ) from None
+
+
+@op("create_cube")
+async def _create_cube(svc: Service, call: Call) -> Any:
+    a = call.args
+    name = a.req_str("name")
+    config = _cube_config(a.opt_map("config"))
+    owner = a.opt_str("owner")
+    a.done()
+    if owner is not None:
+        owner = validate_principal(owner, "owner")
+        if owner != call.identity.principal:
+            require_admin(call.identity, "create_cube for another owner")
+    svc.require_writable()
+    cube = await svc.run_acl_change(
+        svc.engine.create_cube,
+        name,
+        owner=owner or call.identity.principal,
+        config=config,
+        actor=call.identity.principal,
+    )
+    return _cube_wire(cube, "owner")
+
+
+@op("list_cubes", inline=True)
+def _list_cubes(svc: Service, call: Call) -> Any:
+    call.args.done()
+    ident = call.identity
+    out = []
+    for cube in svc.engine.list_cubes():
+        if ident.admin or cube.owner == ident.principal:
+            level: str | None = "owner"
+        else:
+            entry = svc.cube_acl(cube.name)
+            level = access_level(ident, cube.owner, entry[1]) if entry else None
+        if level is not None:
+            out.append(_cube_wire(cube, level))
+    return out
+
+
+@op("get_cube", inline=True)
+def _get_cube(svc: Service, call: Call) -> Any:
+    name = call.args.req_str("name")
+    call.args.done()
+    info, level = svc.level(call.identity, name)
+    require_level(level, "read", name)
+    wire = _cube_wire(info, level)
+    wire["counts"] = to_wire(svc.engine.count_items(name))
+    if level == "owner":
+        wire["grants"] = dict(svc.engine.grants(name))
+    return wire
+
+
+@op("drop_cube")
+async def _drop_cube(svc: Service, call: Call) -> Any:
+    name = call.args.req_str("name")
+    call.args.done()
+    svc.require(call.identity, name, "owner")
+    svc.require_writable()
+    erased = await svc.run_acl_change(svc.engine.drop_cube, name, actor=call.identity.principal)
+    return {"name": name, "erased": erased}
+
+
+@op("grant")
+async def _grant(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    principal = validate_principal(a.req_str("principal"))
+    level = a.req_str("level")
+    a.done()
+    if level not in ("read", "write"):
+        raise BadRequest("grant: level must be 'read' or 'write'", reason="bad_arg", field="level")
+    svc.require(call.identity, cube, "owner")
+    svc.require_writable()
+    await svc.run_acl_change(
+        svc.engine.set_grant, cube, principal, level, actor=call.identity.principal
+    )
+    return {"cube": cube, "principal": principal, "level": level}
+
+
+@op("revoke")
+async def _revoke(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    principal = validate_principal(a.req_str("principal"))
+    a.done()
+    svc.require(call.identity, cube, "owner")
+    svc.require_writable()
+    await svc.run_acl_change(
+        svc.engine.set_grant, cube, principal, None, actor=call.identity.principal
+    )
+    return {"cube": cube, "principal": principal, "level": None}
+
+
+# --- ops: tokens ----------------------------------------------------------------
+
+
+@op("token_create")
+async def _token_create(svc: Service, call: Call) -> Any:
+    a = call.args
+    name = a.req_str("name")
+    principal = a.opt_str("principal")
+    a.done()
+    require_admin(call.identity, "token_create")
+    if not _TOKEN_NAME_RE.fullmatch(name):
+        raise BadRequest(
+            "token_create: name must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}",
+            reason="bad_arg",
+            field="name",
+        )
+    principal = validate_principal(principal) if principal is not None else f"token:{name}"
+    svc.require_writable()
+    secret = new_token_secret()
+    await svc.run_acl_change(
+        svc.engine.put_token,
+        name,
+        token_hash=hash_token(secret),
+        principal=principal,
+        actor=call.identity.principal,
+    )
+    return {"name": name, "principal": principal, "token": secret}
+
+
+@op("token_list")
+async def _token_list(svc: Service, call: Call) -> Any:
+    call.args.done()
+    require_admin(call.identity, "token_list")
+    records = await svc.run(svc.engine.tokens)
+    return [{"name": r.name, "principal": r.principal, "created_us": r.created_us} for r in records]
+
+
+@op("token_revoke")
+async def _token_revoke(svc: Service, call: Call) -> Any:
+    name = call.args.req_str("name")
+    call.args.done()
+    require_admin(call.identity, "token_revoke")
+    svc.require_writable()
+    await svc.run_acl_change(svc.engine.delete_token, name, actor=call.identity.principal)
+    return {"name": name}
+
+
+# --- ops: items -----------------------------------------------------------------
+
+_ITEM_FIELDS: Final = (
+    "tags",
+    "metadata",
+    "payload",
+    "tier",
+    "importance",
+    "ttl_s",
+    "valid_from_us",
+    "valid_to_us",
+)
+
+
+def _item_fields(a: Args, names: Iterable[str]) -> dict[str, Any]:
+    """The optional item fields present in ``args`` (the engine validates values)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        value = a.raw(name)
+        if value is not _NOT_GIVEN:
+            out[name] = value
+    if "tags" in out and type(out["tags"]) is not list:
+        raise BadRequest(
+            "argument 'tags' must be a list of strings", reason="bad_arg", field="tags"
+        )
+    return out
+
+
+@op("add")
+async def _add(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    text = a.req_str("text")
+    source = a.opt_str("source")
+    session = a.opt_str("session")
+    form = a.opt_str("form")
+    fields = _item_fields(a, _ITEM_FIELDS)
+    a.done()
+    svc.require(call.identity, cube, "write")
+    svc.require_writable()
+    if form is not None:
+        fields["form"] = form
+    item = await svc.run(
+        svc.engine.add,
+        cube,
+        text,
+        actor=call.identity.principal,
+        source=source,
+        session=session,
+        **fields,
+    )
+    return item_to_wire(item)
+
+
+@op("get", inline=True)
+def _get(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    item_id = a.req_str("id")
+    version = a.opt_int("version")
+    as_of = a.opt_int("as_of_us")
+    a.done()
+    svc.require(call.identity, cube, "read")
+    return item_to_wire(svc.engine.get(cube, item_id, version=version, as_of_us=as_of))
+
+
+@op("update")
+async def _update(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    item_id = a.req_str("id")
+    expected = a.opt_int("expected_version")
+    fields = _item_fields(a, ("text", "status", *_ITEM_FIELDS))
+    a.done()
+    if "text" in fields and type(fields["text"]) is not str:
+        raise BadRequest("update: argument 'text' must be a string", reason="bad_arg", field="text")
+    svc.require(call.identity, cube, "write")
+    svc.require_writable()
+    item = await svc.run(
+        svc.engine.update,
+        cube,
+        item_id,
+        actor=call.identity.principal,
+        expected_version=expected,
+        **fields,
+    )
+    return item_to_wire(item)
+
+
+@op("history", inline=True)
+def _history(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    item_id = a.req_str("id")
+    a.done()
+    svc.require(call.identity, cube, "read")
+    return [item_to_wire(v) for v in svc.engine.history(cube, item_id)]
+
+
+@op("rollback")
+async def _rollback(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    item_id = a.req_str("id")
+    version = a.req_int("version")
+    a.done()
+    svc.require(call.identity, cube, "write")
+    svc.require_writable()
+    item = await svc.run(svc.engine.rollback, cube, item_id, version, actor=call.identity.principal)
+    return item_to_wire(item)
+
+
+@op("delete")
+async def _delete(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    item_id = a.req_str("id")
+    a.done()
+    svc.require(call.identity, cube, "write")
+    svc.require_writable()
+    item = await svc.run(svc.engine.delete, cube, item_id, actor=call.identity.principal)
+    return item_to_wire(item)
+
+
+@op("purge")
+async def _purge(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    item_id = a.req_str("id")
+    reason = a.opt_str("reason")
+    a.done()
+    svc.require(call.identity, cube, "write")
+    svc.require_writable()
+    record = await svc.run(
+        svc.engine.purge, cube, item_id, actor=call.identity.principal, reason=reason
+    )
+    return to_wire(record)
+
+
+_STATUSES: Final = ("active", "archived", "deleted", "all")
+
+
+@op("list_items")
+async def _list_items(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    status = a.opt_str("status") or "active"
+    tier = a.opt_str("tier")
+    form = a.opt_str("form")
+    limit = a.opt_int("limit", lo=1, hi=MAX_LIST_LIMIT) or 100
+    after = a.opt_str("after")
+    a.done()
+    if status not in _STATUSES:
+        raise BadRequest(
+            f"list_items: status must be one of {list(_STATUSES)}", reason="bad_arg", field="status"
+        )
+    svc.require(call.identity, cube, "read")
+    items = await svc.run(
+        svc.engine.list_items,
+        cube,
+        status=None if status == "all" else status,
+        tier=tier,
+        form=form,
+        limit=limit,
+        after=after,
+    )
+    return [item_to_wire(i) for i in items]
+
+
+def _scan_active(engine: Any, cube: str, tier: str | None, form: str | None) -> Iterable[Any]:
+    after: str | None = None
+    while True:
+        page = engine.list_items(
+            cube, status="active", tier=tier, form=form, limit=_SCAN_PAGE, after=after
+        )
+        yield from page
+        if len(page) < _SCAN_PAGE:
+            return
+        after = page[-1].id
+
+
+@op("search")
+async def _search(svc: Service, call: Call) -> Any:
+    a = call.args
+    cube = a.req_str("cube")
+    query = a.req_str("query")
+    k = a.opt_int("k", lo=1, hi=MAX_K) or 10
+    tags = a.opt_str_list("tags") or []
+    tier = a.opt_str("tier")
+    form = a.opt_str("form")
+    a.done()
+    svc.require(call.identity, cube, "read")
+
+    def scan() -> list[tuple[Any, float]]:
+        return lexical_scan_search(_scan_active(svc.engine, cube, tier, form), query, k, tags=tags)
+
+    hits = await svc.run(scan)
+    return [{"item": item_to_wire(item), "score": score} for item, score in hits]
+
+
+# --- ops: maintenance and portability --------------------------------------------
+
+
+@op("checkpoint")
+async def _checkpoint(svc: Service, call: Call) -> Any:
+    call.args.done()
+    require_admin(call.identity, "checkpoint")
+    svc.require_writable()
+    return to_wire(await svc.run(svc.engine.checkpoint))
+
+
+@op("wal_verify")
+async def _wal_verify(svc: Service, call: Call) -> Any:
+    call.args.done()
+    require_admin(call.identity, "wal_verify")
+    return to_wire(await svc.run(svc.engine.verify_wal))
+
+
+@op("export_cube")
+async def _export_cube(svc: Service, call: Call) -> Any:
+    name = call.args.req_str("name")
+    call.args.done()
+    svc.require(call.identity, name, "owner")
+
+    def export() -> bytes:
+        return bytes(dump_cube(svc.engine.export_cube(name)))
+
+    data = await svc.run(export)
+    return Reply({"name": name, "bytes": len(data), "data": {FRAME_KEY: 1}}, [data])
+
+
+@op("import_cube")
+async def _import_cube(svc: Service, call: Call) -> Any:
+    a = call.args
+    data = a.req_bytes("data")
+    name = a.opt_str("name")
+    owner = a.opt_str("owner")
+    a.done()
+    if owner is not None:
+        owner = validate_principal(owner, "owner")
+        if owner != call.identity.principal:
+            require_admin(call.identity, "import_cube for another owner")
+    svc.require_writable()
+
+    def load_and_import() -> Any:
+        export = load_cube(data)
+        return svc.engine.import_cube(
+            export,
+            name=name,
+            owner=owner or call.identity.principal,
+            actor=call.identity.principal,
+        )
+
+    cube = await svc.run_acl_change(load_and_import)
+    return _cube_wire(cube, "owner")

@@ -1,0 +1,178 @@
+"""Sans-IO tests of memosd.protocol: framing, limits, typed errors."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memosd.errors import BadRequest, NotFound, TooLarge, error_from_wire
+from memosd.protocol import (
+    PROTOCOL_VERSION,
+    Limits,
+    Reply,
+    decode_request,
+    decode_response,
+    encode_error,
+    encode_request,
+    encode_response,
+    item_to_wire,
+    to_wire,
+)
+
+LIMITS = Limits(max_message_bytes=1 << 20, max_str_len=1 << 16, max_bin_len=1 << 16)
+
+
+def header(**fields: object) -> bytes:
+    base: dict[str, object] = {"v": PROTOCOL_VERSION, "id": 7, "op": "ping", "args": {}}
+    base.update(fields)
+    return msgpack.packb({k: v for k, v in base.items() if v is not ...})
+
+
+def test_request_round_trip_with_frames() -> None:
+    frames = encode_request(
+        42, "import_cube", {"data": {"$frame": 1}, "name": "x"}, token="t", frames=[b"\x00" * 10]
+    )
+    req = decode_request(frames, LIMITS)
+    assert (req.id, req.op, req.token) == (42, "import_cube", "t")
+    assert req.args == {"data": b"\x00" * 10, "name": "x"}
+
+
+def test_exact_header_bytes() -> None:
+    # The wire form is part of the protocol: a fixed map, msgpack bin for bytes.
+    assert encode_request(1, "ping", {}) == [b"\x84\xa1v\x01\xa2id\x01\xa2op\xa4ping\xa4args\x80"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"", "malformed"),
+        (b"\xc1", "malformed"),  # never-used msgpack byte
+        (b"\x84\xa1v", "malformed"),  # truncated
+        (msgpack.packb([1, 2]), "malformed"),  # not a map
+        (msgpack.packb({1: 2}), "malformed"),  # non-str key
+        (header(v=99), "protocol_version"),
+        (header(v=...), "protocol_version"),
+        (header(id="x"), "bad_header"),
+        (header(id=-1), "bad_header"),
+        (header(op=3), "bad_header"),
+        (header(op=""), "bad_header"),
+        (header(args=[1]), "bad_header"),
+        (header(token=5), "bad_header"),
+        (header(extra=1), "bad_header"),
+        (header(args={"a": {"$frame": 1}}), "bad_frame"),
+        (msgpack.packb({"v": 1, "t": msgpack.ExtType(5, b"x")}), "malformed"),
+        (msgpack.packb({"v": 1, "t": msgpack.Timestamp(1)}), "malformed"),
+    ],
+)
+def test_malformed_headers_are_bad_requests(raw: bytes, reason: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        decode_request([raw], LIMITS)
+    assert info.value.reason == reason
+
+
+def test_error_carries_request_id_when_readable() -> None:
+    with pytest.raises(BadRequest) as info:
+        decode_request([header(id=9, op=5)], LIMITS)
+    assert info.value.details["id"] == 9
+
+
+def test_nesting_limit() -> None:
+    deep: object = 1
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(BadRequest) as info:
+        decode_request([header(args={"x": deep})], LIMITS)
+    assert info.value.reason == "too_deep"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"s": "x" * (LIMITS.max_str_len + 1)},
+        {"b": b"x" * (LIMITS.max_bin_len + 1)},
+        {"a": [0] * (LIMITS.max_array_len + 1)},
+        {"m": {str(i): 0 for i in range(LIMITS.max_map_len + 1)}},
+    ],
+)
+def test_unpack_limits(args: dict[str, object]) -> None:
+    with pytest.raises((BadRequest, TooLarge)):
+        decode_request([header(args=args)], LIMITS)
+
+
+def test_total_size_and_frame_count() -> None:
+    small = Limits(max_message_bytes=100, max_frames=3)
+    with pytest.raises(TooLarge):
+        decode_request([header(), b"x" * 200], small)
+    with pytest.raises(TooLarge):
+        decode_request([header(), b"", b"", b""], small)
+
+
+def test_response_round_trip_with_frame_refs() -> None:
+    frames = encode_response(3, Reply({"data": {"$frame": 1}, "n": 1}, [b"abc"]))
+    assert len(frames) == 2
+    assert decode_response(frames) == (3, True, {"data": b"abc", "n": 1})
+
+
+def test_error_round_trip_preserves_class() -> None:
+    frames = encode_error(4, NotFound("gone", reason="deleted", id=4))
+    rid, ok, wire = decode_response(frames)
+    assert (rid, ok) == (4, False)
+    err = error_from_wire(wire)
+    assert type(err) is NotFound
+    assert err.reason == "deleted"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=200), min_size=1, max_size=4))
+def test_arbitrary_frames_never_escape_untyped(frames: list[bytes]) -> None:
+    with contextlib.suppress(BadRequest, TooLarge):
+        decode_request(frames, LIMITS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats()
+        | st.text()
+        | st.binary(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_arbitrary_msgpack_values_as_header(value: object) -> None:
+    # Anything but BadRequest/TooLarge escaping fails the test.
+    with contextlib.suppress(BadRequest, TooLarge):
+        decode_request([msgpack.packb(value)], LIMITS)
+
+
+def test_item_to_wire_matches_the_generic_form() -> None:
+    from memosd.memcube.model import MemoryItem, Provenance, Usage
+
+    item = MemoryItem(
+        id="01M80PSCB9NQEF9VE49P0A27P0",
+        cube="c",
+        version=2,
+        form="plaintext",
+        tier="mid",
+        status="active",
+        text="t",
+        metadata={"a": [1]},
+        payload=None,
+        created_us=1,
+        recorded_us=2,
+        valid_from_us=None,
+        valid_to_us=5,
+        provenance=Provenance("src", "uid:1", None, (("01M80PSCB9NQEF9VE49P0A27P0", 1),), "update"),
+        usage=Usage(3, 4, 0.5),
+        tags=("x", "y"),
+        importance=0.25,
+        ttl_s=None,
+    )
+    assert item_to_wire(item) == to_wire(item)
