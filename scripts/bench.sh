@@ -3,7 +3,7 @@
 # environment variables documented at the top of each script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh dev 2>&1 | grep -v "^WARNING: Location" || true
+bash scripts/bootstrap.sh dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 for script in bench/*_bench.py; do
     echo "== $script"

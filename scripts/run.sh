@@ -4,6 +4,6 @@
 # Extra arguments go to memosd (e.g. --data-dir, --socket, --config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh 2>&1 | grep -v "^WARNING: Location" || true
+bash scripts/bootstrap.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec .venv/bin/memosd "$@"

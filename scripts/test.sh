@@ -3,7 +3,7 @@
 # then pytest.  This is the README's test command and what .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh dev 2>&1 | grep -v "^WARNING: Location" || true
+bash scripts/bootstrap.sh dev
 py=.venv/bin/python
 echo "== ruff"
 .venv/bin/ruff check .
