@@ -81,3 +81,18 @@ def test_wheel_installs_and_imports_without_squatting(tmp_path: Path) -> None:
     ).stdout.split()
     assert all(Path(p).is_relative_to(target) for p in out), out
     assert memosd.__version__
+
+
+def test_every_package_directory_is_declared() -> None:
+    """A subpackage missing from pyproject would silently vanish from the wheel."""
+    import tomllib
+
+    setuptools_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(setuptools_cfg["packages"])
+    found = set()
+    for package, folder in setuptools_cfg["package-dir"].items():
+        base = ROOT / folder
+        for init in base.rglob("__init__.py"):
+            rel = init.parent.relative_to(base)
+            found.add(".".join([package, *rel.parts]))
+    assert found == declared
