@@ -45,6 +45,7 @@ from typing import Any, Final
 import anyio
 import anyio.to_thread
 import structlog
+import zmq
 from anyio.abc import TaskStatus
 
 from memosd import __version__, sdnotify
@@ -309,11 +310,13 @@ async def _serve_engine(
                 sdnotify.watchdog()
             await anyio.sleep(interval)
 
+    try:
+        server.bind()
+    except (zmq.ZMQError, OSError) as exc:
+        server.close()
+        raise DaemonExitError(EXIT_CONFIG, f"cannot bind {settings.socket}: {exc}") from None
     async with anyio.create_task_group() as tg:
-        try:
-            await tg.start(server.serve)
-        except OSError as exc:  # zmq.ZMQError is an OSError
-            raise DaemonExitError(EXIT_CONFIG, f"cannot bind {settings.socket}: {exc}") from None
+        await tg.start(server.serve)
         engine.add_listener(server.publish_threadsafe)
         tg.start_soon(wait_for_trigger)
         tg.start_soon(watch_health)

@@ -33,6 +33,7 @@ Edge behaviour (docs/protocol.md, "Limits"):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
@@ -99,6 +100,9 @@ class Server:
         # cheapest wake-up (this is on every request's path when idle).
         self._input: asyncio.Future[None] | None = None
         self._inflight = 0
+        self._bound: list[Path] = []
+        self._events: collections.deque[Any] = collections.deque()
+        self._events_scheduled = False
         self._idle = anyio.Event()
         self._idle.set()
         self._accepting = True
@@ -116,6 +120,7 @@ class Server:
         self._ctx = ctx
         s = self.settings
         router: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
+        self._router = router  # owned from here on, so close() can release it
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
@@ -127,10 +132,11 @@ class Server:
             router.setsockopt(zmq.HEARTBEAT_TIMEOUT, s.heartbeat_timeout_ms)
             router.setsockopt(zmq.HEARTBEAT_TTL, s.heartbeat_timeout_ms)
         router.bind(ipc_endpoint(self.socket_path))
+        self._bound.append(self.socket_path)
         os.chmod(self.socket_path, SOCKET_FILE_MODE)
-        self._router = router
 
         pub: zmq.Socket[bytes] = ctx.socket(zmq.PUB)
+        self._pub = pub
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, s.sndhwm)
         pub.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)  # subscribers only send subscriptions
@@ -138,12 +144,13 @@ class Server:
             pub.setsockopt(zmq.HEARTBEAT_IVL, s.heartbeat_ivl_ms)
             pub.setsockopt(zmq.HEARTBEAT_TIMEOUT, s.heartbeat_timeout_ms)
         pub.bind(ipc_endpoint(self.events_path))
+        self._bound.append(self.events_path)
         os.chmod(self.events_path, SOCKET_FILE_MODE)
-        self._pub = pub
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Bind, then receive requests until :meth:`stop_accepting`; then drain."""
-        self.bind()
+        """Bind (unless :meth:`bind` was called), receive until :meth:`stop_accepting`."""
+        if self._router is None:
+            self.bind()
         try:
             async with anyio.create_task_group() as tg:
                 self._handlers_scope = tg.cancel_scope
@@ -187,11 +194,12 @@ class Server:
             self._pub.close(linger=0)
             self._pub = None
         if self._ctx is not None:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)
             self._ctx = None
-        for path in (self.socket_path, self.events_path):
+        for path in self._bound:  # only files this server created
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        self._bound.clear()
 
     # --- requests ---------------------------------------------------------------
 
@@ -331,12 +339,24 @@ class Server:
     # --- change feed --------------------------------------------------------------
 
     def publish_threadsafe(self, event: Any) -> None:
-        """Engine listener: queue ``event`` for the PUB socket (any thread; never raises)."""
+        """Engine listener: queue ``event`` for the PUB socket (any thread; never raises).
+
+        Called in the engine's writer thread, so it only appends to a deque and
+        wakes the loop once per burst of events, not once per event.
+        """
         loop = self._loop
         if loop is None:
             return
-        with contextlib.suppress(RuntimeError):  # loop closed: shutting down
-            loop.call_soon_threadsafe(self._publish, event)
+        self._events.append(event)
+        if not self._events_scheduled:
+            self._events_scheduled = True
+            with contextlib.suppress(RuntimeError):  # loop closed: shutting down
+                loop.call_soon_threadsafe(self._drain_events)
+
+    def _drain_events(self) -> None:
+        self._events_scheduled = False  # first: a later append schedules a new drain
+        while self._events:
+            self._publish(self._events.popleft())
 
     def _publish(self, event: Any) -> None:
         self.service.on_change(getattr(event, "kind", ""))

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import pytest
 
 from memosd.client import AsyncClient, Client
-from memosd.daemon import EXIT_LOCKED
+from memosd.daemon import EXIT_CONFIG, EXIT_LOCKED
 from memosd.errors import BadRequest, Conflict, NotFound, Unavailable
 from memosd.testing import DaemonHandle
 
@@ -300,3 +302,16 @@ def test_sdnotify_messages(memosd_daemon_factory: Callable[..., DaemonHandle], t
     assert "READY=1" in joined
     assert "STOPPING=1" in joined
     assert joined.index("READY=1") < joined.index("STOPPING=1")
+
+
+def test_unbindable_socket_path_is_a_config_error(tmp_path: Path) -> None:
+    too_long = Path("/tmp") / ("x" * 120) / "memosd.sock"
+    handle = DaemonHandle(tmp_path, run_dir=too_long.parent)
+    try:
+        proc = subprocess.run(
+            handle.command, env=handle.env, capture_output=True, timeout=60, check=False
+        )
+    finally:
+        shutil.rmtree(too_long.parent, ignore_errors=True)
+    assert proc.returncode == EXIT_CONFIG
+    assert b"cannot bind" in proc.stderr
