@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -637,6 +638,7 @@ class Engine:
         self._stop_housekeeper.set()
         self._housekeeper.join()
         self._committer.submit(_Work("stop"))
+        self._committer.close()
         self.wal.close()
         self.store.close()
 
@@ -829,6 +831,30 @@ class Engine:
         """
         result: T = self._submit(fn)
         return result
+
+    def atomic_future(self, fn: Callable[[Planner], T]) -> Future[T]:
+        """Like :meth:`atomic` but never blocks: returns a future.
+
+        For event loops (the daemon awaits ``asyncio.wrap_future``): no
+        thread hop per write; a standby thread leads when nobody else does.
+        """
+        future: Future[T] = Future()
+        if self._closed or self._failure is not None:
+            future.set_exception(
+                Unavailable("the storage engine is closed", reason="closed")
+                if self._closed
+                else _copy_error(self._failure)  # type: ignore[arg-type]
+            )
+            return future
+
+        def done(sub: Submission[_Work]) -> None:
+            try:
+                future.set_result(sub.outcome())
+            except BaseException as exc:  # delivered to the awaiting caller
+                future.set_exception(exc)
+
+        self._committer.submit_nowait(_Work("write", fn), done)
+        return future
 
     def create_cube(
         self,

@@ -29,7 +29,7 @@ P = TypeVar("P")
 class Submission(Generic[P]):
     """One caller's unit of work and, once processed, its outcome."""
 
-    __slots__ = ("_exception", "_promoted", "_result", "_wake", "done", "payload")
+    __slots__ = ("_callback", "_exception", "_promoted", "_result", "_wake", "done", "payload")
 
     def __init__(self, payload: P) -> None:
         self.payload = payload
@@ -41,16 +41,21 @@ class Submission(Generic[P]):
         # promotion): cheaper than an Event, which wraps a Condition.
         self._wake = threading.Lock()
         self._wake.acquire()
+        self._callback: Callable[[Submission[P]], None] | None = None
 
     def resolve(self, result: Any) -> None:
         self._result = result
-        self.done = True
-        self._wake.release()
+        self._finish()
 
     def fail(self, exc: BaseException) -> None:
         self._exception = exc
+        self._finish()
+
+    def _finish(self) -> None:
         self.done = True
         self._wake.release()
+        if self._callback is not None:
+            self._callback(self)
 
     def promote(self) -> None:
         self._promoted = True
@@ -72,6 +77,40 @@ class GroupCommitter(Generic[P]):
         self._mutex = threading.Lock()
         self._pending: list[Submission[P]] = []
         self._leader_active = False
+        # Leads for callers that cannot block (submit_nowait).
+        self._closed = False
+        self._standby_wake = threading.Semaphore(0)
+        self._standby = threading.Thread(
+            target=self._standby_loop, name="memosd-committer", daemon=True
+        )
+        self._standby.start()
+
+    def submit_nowait(self, payload: P, on_done: Callable[[Submission[P]], None]) -> Submission[P]:
+        """Queue ``payload`` without blocking; ``on_done`` runs (in the leader's
+        thread) once it is resolved.  If nobody leads, the standby thread does."""
+        sub = Submission(payload)
+        sub._callback = on_done
+        with self._mutex:
+            self._pending.append(sub)
+            lead = not self._leader_active
+            if lead:
+                self._leader_active = True
+        if lead:
+            self._standby_wake.release()
+        return sub
+
+    def _standby_loop(self) -> None:
+        while True:
+            self._standby_wake.acquire()
+            if self._closed:
+                return
+            self._lead(None)
+
+    def close(self) -> None:
+        """Stop the standby thread (pending non-blocking work is finished first)."""
+        self._closed = True
+        self._standby_wake.release()
+        self._standby.join()
 
     def submit(self, payload: P) -> Any:
         """Run ``payload`` in some batch; return its result or raise its error."""
@@ -89,25 +128,32 @@ class GroupCommitter(Generic[P]):
         self._lead(sub)
         return sub.outcome()
 
-    def _lead(self, own: Submission[P]) -> None:
+    def _lead(self, own: Submission[P] | None) -> None:
+        """Process batches until ``own`` is done (standby: until the queue is empty)."""
         try:
-            while not own.done:
+            while own is None or not own.done:
                 with self._mutex:
                     batch = self._pending[: self._max_batch]
                     del self._pending[: self._max_batch]
+                if not batch:
+                    break
                 try:
                     self._process(batch)
                 except BaseException as exc:
                     for sub in batch:
                         if not sub.done:
                             sub.fail(exc)
-                    raise
+                    if own is not None:
+                        raise
+                    continue
                 for sub in batch:
                     if not sub.done:  # a process() bug must not hang a caller
                         sub.fail(RuntimeError("submission was not resolved by its batch"))
         finally:
             with self._mutex:
-                if self._pending:
-                    self._pending[0].promote()
-                else:
+                if not self._pending:
                     self._leader_active = False
+                elif self._pending[0]._callback is not None:
+                    self._standby_wake.release()  # a non-blocking caller: standby leads
+                else:
+                    self._pending[0].promote()

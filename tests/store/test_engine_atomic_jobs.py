@@ -131,3 +131,12 @@ def test_power_loss_replays_atomic_records(tmp_path: Path) -> None:
     with Engine.open(image, boot_id="B") as recovered:
         assert recovered.recovery["replayed_records"] == 1
         assert sorted(i.text for i in recovered.list_items("c")) == ["r0", "r1", "r2"]
+
+
+def test_atomic_future_resolves_without_blocking_the_caller(engine: Engine) -> None:
+    futures = [engine.atomic_future(lambda p, i=i: p.add("c", f"async {i}")) for i in range(20)]
+    items = [f.result(timeout=10) for f in futures]
+    assert [i.text for i in items] == [f"async {i}" for i in range(20)]
+    failing = engine.atomic_future(lambda p: p.add("missing-cube", "x"))
+    with pytest.raises(NotFound):
+        failing.result(timeout=10)

@@ -77,3 +77,29 @@ def test_a_crashing_batch_fails_its_callers_and_leadership_moves_on() -> None:
     with pytest.raises(RuntimeError):
         committer.submit(1)
     assert committer.submit(2) == 2
+
+
+def test_submit_nowait_is_led_by_the_standby_thread() -> None:
+    threads: list[str] = []
+
+    def process(batch: list[Submission[int]]) -> None:
+        threads.append(threading.current_thread().name)
+        for s in batch:
+            s.resolve(s.payload * 10)
+
+    committer: GroupCommitter[int] = GroupCommitter(process, max_batch=8)
+    done = threading.Event()
+    results: list[int] = []
+
+    def on_done(sub: Submission[int]) -> None:
+        results.append(sub.outcome())
+        if len(results) == 3:
+            done.set()
+
+    for n in range(3):
+        committer.submit_nowait(n, on_done)
+    assert done.wait(5)
+    assert sorted(results) == [0, 10, 20]
+    assert set(threads) == {"memosd-committer"}
+    assert committer.submit(7) == 70  # blocking callers still lead themselves
+    committer.close()
