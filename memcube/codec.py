@@ -34,6 +34,8 @@ from math import copysign
 from typing import Any, Final, NoReturn
 
 import msgpack
+
+from memosd.errors import CodecError
 from memosd.memcube.ids import is_valid_id
 from memosd.memcube.model import (
     BUILTIN_FORMS,
@@ -53,8 +55,6 @@ from memosd.memcube.model import (
     PurgeRecord,
     Usage,
 )
-
-from memosd.errors import CodecError
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

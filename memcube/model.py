@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
-from memosd.memcube.ids import is_valid_id
-
 from memosd.errors import BadRequest
+from memosd.memcube.ids import is_valid_id
 
 __all__ = [
     "BUILTIN_FORMS",

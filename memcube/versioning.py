@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from typing import Any, Final
 
+from memosd.errors import BadRequest, Conflict, NotFound
 from memosd.memcube.ids import is_valid_id
 from memosd.memcube.model import (
     MemoryItem,
@@ -53,8 +54,6 @@ from memosd.memcube.model import (
     validate_ttl,
     validate_validity,
 )
-
-from memosd.errors import BadRequest, Conflict, NotFound
 
 __all__ = [
     "CONTENT_FIELDS",

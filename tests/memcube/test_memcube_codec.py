@@ -10,6 +10,8 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from memosd.errors import CodecError
 from memosd.memcube import (
     SCHEMA_VERSION,
     CubeConfig,
@@ -30,8 +32,6 @@ from memosd.memcube import (
     unpackb,
 )
 from memosd.memcube.model import MAX_METADATA_DEPTH, Operation
-
-from memosd.errors import CodecError
 
 # --- strategies ----------------------------------------------------------------------
 

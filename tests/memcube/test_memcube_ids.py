@@ -8,9 +8,9 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from memosd.memcube.ids import ID_LENGTH, MonotonicIdFactory, id_time_us, is_valid_id, new_id
 
 from memosd.errors import BadRequest
+from memosd.memcube.ids import ID_LENGTH, MonotonicIdFactory, id_time_us, is_valid_id, new_id
 
 MAX_US = ((1 << 48) - 1) * 1000 + 999
 

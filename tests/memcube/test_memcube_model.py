@@ -6,6 +6,8 @@ import dataclasses
 from typing import Any
 
 import pytest
+
+from memosd.errors import BadRequest
 from memosd.memcube import (
     CUBE_SCHEMA_VERSION,
     CubeConfig,
@@ -26,8 +28,6 @@ from memosd.memcube.model import (
     validate_ttl,
     validate_validity,
 )
-
-from memosd.errors import BadRequest
 
 
 def test_enum_values() -> None:

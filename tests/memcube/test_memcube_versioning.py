@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from memosd.errors import BadRequest, Conflict, NotFound
 from memosd.memcube import (
     CONTENT_FIELDS,
     NOT_GIVEN,
@@ -23,8 +25,6 @@ from memosd.memcube import (
     rollback,
     tombstone,
 )
-
-from memosd.errors import BadRequest, Conflict, NotFound
 
 T0 = 1_700_000_000_000_000
 ID = new_id(T0, lambda n: b"\x01" * n)
