@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -22,8 +23,10 @@ def main() -> int:
     mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-dir"
     ]
-    stage = ROOT / ".typecheck"
-    shutil.rmtree(stage, ignore_errors=True)
+    # A private staging tree (and mypy cache) per run: concurrent runs must
+    # not delete each other's files.
+    (ROOT / ".typecheck").mkdir(exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix="run-", dir=ROOT / ".typecheck"))
     (stage / "memosd").mkdir(parents=True)
     for entry in (ROOT / "memosd").iterdir():
         if entry.name != "__pycache__":
@@ -33,7 +36,10 @@ def main() -> int:
             (stage / package.replace(".", "/")).symlink_to(ROOT / folder)
     targets = sys.argv[1:] or ["memosd"]
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), *targets]
-    return subprocess.call(cmd, cwd=stage)
+    try:
+        return subprocess.call(cmd, cwd=stage)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 if __name__ == "__main__":

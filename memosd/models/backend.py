@@ -1,0 +1,161 @@
+"""The model backend interface and its Hugging Face implementation.
+
+:class:`ModelBackend` is what activation memory (:mod:`memosd.kv`) and
+parameter memory (:mod:`memosd.lora`) need from a model: the torch module, the
+tokenizer, where it came from, how it runs (dtype, device) and its
+fingerprint (:mod:`memosd.models.fingerprint`).
+
+:class:`HFBackend` loads any causal LM from a **local** directory with
+``AutoModelForCausalLM`` and ``AutoTokenizer`` (``local_files_only=True``: the
+daemon never downloads), on CPU unless a CUDA device is asked for and
+available, in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol, runtime_checkable
+
+import torch
+
+from memosd.errors import BadRequest, NotFound
+from memosd.models.fingerprint import model_fingerprint, short_fingerprint
+
+__all__ = ["DTYPES", "HFBackend", "ModelBackend", "resolve_device", "resolve_dtype"]
+
+#: dtype names accepted by :meth:`HFBackend.load` ("auto": the config's dtype).
+DTYPES: Final[dict[str, torch.dtype]] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """A loaded causal LM, its tokenizer and its identity."""
+
+    @property
+    def model(self) -> Any:
+        """The ``torch.nn.Module`` (a transformers ``PreTrainedModel`` for :class:`HFBackend`)."""
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (a transformers ``PreTrainedTokenizerBase`` for :class:`HFBackend`)."""
+
+    @property
+    def path(self) -> Path:
+        """The model directory."""
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the model runs in, by name (``"float32"``...)."""
+
+    @property
+    def device(self) -> str:
+        """The torch device the model lives on (``"cpu"``, ``"cuda:0"``...)."""
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex SHA-256 identity of (config, tokenizer, dtype, weights)."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        ...
+
+
+def resolve_dtype(dtype: str, directory: Path) -> str:
+    """A name from :data:`DTYPES`; ``"auto"`` reads the dtype from ``config.json``."""
+    if dtype == "auto":
+        try:
+            config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"cannot read {directory / 'config.json'}: {exc}") from None
+        found = config.get("dtype") or config.get("torch_dtype") or "float32"
+        dtype = str(found)
+    if dtype not in DTYPES:
+        raise BadRequest(
+            f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}", reason="bad_dtype"
+        )
+    return dtype
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``"cpu"`` → cpu; ``"auto"`` → cuda when available; ``"cuda[:N]"`` checked."""
+    if device is None or device == "cpu":
+        return "cpu"
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadRequest(f"device {device!r} asked but CUDA is not available")
+        return device if ":" in device else "cuda:0"
+    raise BadRequest(f"device must be cpu, cuda[:N] or auto, got {device!r}")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class HFBackend:
+    """A Hugging Face causal LM loaded from a local directory (see :meth:`load`)."""
+
+    model: Any
+    tokenizer: Any
+    path: Path
+    dtype: str
+    device: str
+    fingerprint: str
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        fingerprint_cache_dir: Path | None = None,
+    ) -> HFBackend:
+        """Load model and tokenizer from ``path`` (never the network), in eval mode.
+
+        ``dtype`` is a name from :data:`DTYPES` or ``"auto"`` (the config's);
+        ``device`` is ``None`` (CPU), ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``.
+        Raises :class:`NotFound` if the directory has no ``config.json``.
+        """
+        # transformers takes seconds to import: only pay it when a model is loaded.
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+        directory = Path(path).expanduser().resolve()
+        if not (directory / "config.json").is_file():
+            raise NotFound(f"no model at {directory} (config.json missing)", reason="no_model")
+        dtype_name = resolve_dtype(dtype, directory)
+        device_name = resolve_device(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(directory), local_files_only=True, dtype=DTYPES[dtype_name]
+        )
+        model.to(device_name)
+        model.eval()
+        fingerprint = model_fingerprint(
+            directory, dtype=dtype_name, cache_dir=fingerprint_cache_dir
+        )
+        return cls(model, tokenizer, directory, dtype_name, device_name, fingerprint)
+
+    @property
+    def short_fingerprint(self) -> str:
+        """The first 12 hex digits of :attr:`fingerprint`."""
+        return short_fingerprint(self.fingerprint)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS or other special tokens."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [int(i) for i in ids]
+
+    def __repr__(self) -> str:
+        return (
+            f"HFBackend(path={str(self.path)!r}, dtype={self.dtype!r}, device={self.device!r}, "
+            f"fingerprint={self.short_fingerprint!r})"
+        )
