@@ -347,6 +347,7 @@ class Engine:
         outcomes: list[tuple[_Op, Any]] = []
         logged: list[list[tuple[Mutation, int, bytes]]] = []  # per WAL record
         released: set[str] = set()
+        referenced: set[str] = set()
         try:
             for op in ops:
                 plan = op.payload.plan
@@ -379,6 +380,7 @@ class Engine:
                 if planner.logged:
                     logged.append(planner.logged)
                     released |= planner.view.released_blobs
+                    referenced |= planner.view.referenced_blobs_added
             if not logged:
                 txn.abort()
                 self._resolve(outcomes, [])
@@ -409,6 +411,7 @@ class Engine:
         try:
             mutations = [(m, p) for entries in logged for m, _, p in entries]
             released |= self._commit_logged(txn, view, mutations, events)
+            self.blobs.unpin(referenced)
             self._release_blobs(released)
         except MemosError as exc:
             # The batch is durable in the WAL (acknowledged below); LMDB could
@@ -457,7 +460,7 @@ class Engine:
     def _release_blobs(self, shas: Iterable[str]) -> None:
         """Delete blob files no stored version references any more (after commit)."""
         for sha in shas:
-            self.blobs.delete(sha)
+            self.blobs.release(sha)
 
     def _collect_garbage_blobs(self, *, grace_s: float) -> int:
         """Remove blob files that no version references, older than ``grace_s``.

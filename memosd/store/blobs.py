@@ -15,8 +15,9 @@ import errno
 import hashlib
 import os
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -47,8 +48,13 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
 
 
 class BlobStore:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, pin_s: float = 600.0) -> None:
         self.directory = directory
+        # sha -> monotonic time of its last put: a writer that just stored (or
+        # found) a blob is about to reference it, so releasing must not delete it.
+        self._pin_s = pin_s
+        self._pins: dict[str, float] = {}
+        self._pins_lock = threading.Lock()
         self._tmp = directory / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
         # Leftovers of writers that died mid-write are never referenced.
@@ -72,6 +78,7 @@ class BlobStore:
     def put_bytes(self, data: bytes | bytearray | memoryview) -> str:
         """Store ``data`` durably; returns its sha256 hex.  Idempotent."""
         sha = hashlib.sha256(data).hexdigest()
+        self._pin(sha)
         if self._final_path(sha).exists():
             return sha
         tmp = self._tmp / f"{sha}.{os.getpid()}.{time.monotonic_ns()}"
@@ -98,6 +105,7 @@ class BlobStore:
                 dst.flush()
                 os.fsync(dst.fileno())
             sha = digest.hexdigest()
+            self._pin(sha)
             if self._final_path(sha).exists():
                 tmp.unlink()
                 return sha
@@ -106,6 +114,35 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             raise _storage_error(exc, "writing a blob") from exc
         return sha
+
+    def _pin(self, sha: str) -> None:
+        now = time.monotonic()
+        with self._pins_lock:
+            self._pins[sha] = now
+            if len(self._pins) > 4096:
+                cutoff = now - self._pin_s
+                self._pins = {k: t for k, t in self._pins.items() if t >= cutoff}
+
+    def unpin(self, shas: Iterable[str]) -> None:
+        """The writers of these blobs have committed their references."""
+        with self._pins_lock:
+            for sha in shas:
+                self._pins.pop(sha, None)
+
+    def is_pinned(self, sha: str) -> bool:
+        with self._pins_lock:
+            put_at = self._pins.get(sha)
+        return put_at is not None and time.monotonic() - put_at < self._pin_s
+
+    def release(self, sha: str) -> bool:
+        """Delete a blob whose last reference went away, unless a writer just put it.
+
+        A pinned blob stays; the start-up/checkpoint GC removes it later if
+        nothing ends up referencing it.
+        """
+        if self.is_pinned(sha):
+            return False
+        return self.delete(sha)
 
     def delete(self, sha: str) -> bool:
         self._check(sha)

@@ -51,6 +51,8 @@ class StoreView:
         # Blobs whose last reference went away in this transaction; the
         # engine deletes their files once the transaction is committed.
         self.released_blobs: set[str] = set()
+        # Blobs that gained a reference here (their writers' pins can go).
+        self.referenced_blobs_added: set[str] = set()
 
     # -- meta ---------------------------------------------------------------------
 
@@ -232,6 +234,8 @@ class StoreView:
 
     def _add_blob_ref(self, sha: str, delta: int) -> None:
         count = self.blob_refcount(sha) + delta
+        if delta > 0:
+            self.referenced_blobs_added.add(sha)
         if count > 0:
             self.txn.put(sha.encode(), keys.pack_u64(count), db=self.dbs["blobrefs"])
             self.released_blobs.discard(sha)

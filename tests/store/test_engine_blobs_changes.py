@@ -108,3 +108,14 @@ def test_change_log_survives_restart(tmp_path: Path) -> None:
         item = eng.add("c", "persist")
     with Engine.open(tmp_path) as eng:
         assert [c.item_id for c in eng.changes_since(0) if c.item_id] == [item.id]
+
+
+def test_purge_does_not_delete_a_blob_another_writer_just_stored(engine: Engine) -> None:
+    sha = engine.blobs.put_bytes(b"shared tensor")
+    old = engine.add("c", "old cache", payload={"blobs": [sha]})
+    # Another writer stores the same content and is about to reference it...
+    assert engine.blobs.put_bytes(b"shared tensor") == sha
+    engine.purge("c", old.id)  # ...while the only committed reference goes away.
+    new = engine.add("c", "new cache", payload={"blobs": [sha]})
+    assert engine.blobs.read(sha) == b"shared tensor"
+    engine.purge("c", new.id)
