@@ -1,0 +1,157 @@
+"""One cube's search state: id maps + BM25 + dense vectors, kept in step.
+
+Each indexed item version gets a fresh integer *label* (never reused), which
+both indexes use as their key; ``by_item`` maps an item id to its current
+``(label, version)``.  Only the latest active version of an item is present.
+
+``dense`` is None when the cube's configured embedding model or dimension
+differs from the daemon's embedder (``mismatch`` then says why): lexical
+search still works, dense search raises ``BadRequest(reason="embedding_mismatch")``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from memosd.errors import BadRequest
+from memosd.index.bm25 import BM25Index
+from memosd.index.dense import DenseIndex
+from memosd.memcube.model import MemoryItem
+
+__all__ = ["CubeIndex", "embedding_mismatch", "indexed_text"]
+
+
+def indexed_text(item: MemoryItem, context_key: str | None) -> str:
+    """What is indexed for ``item``: its text plus its retrieval context, if any.
+
+    The context (``item.metadata[context_key]``, a string) helps find the item
+    - e.g. the conversation turn it answers - without being part of it.
+    """
+    if context_key:
+        context = item.metadata.get(context_key)
+        if isinstance(context, str) and context.strip():
+            return f"{item.text}\n{context}"
+    return item.text
+
+
+def embedding_mismatch(
+    cube: str, config_model: str, config_dim: int, model: str, dim: int
+) -> str | None:
+    """A message if the cube's recorded embedding differs from the embedder's, else None."""
+    if config_model == model and config_dim == dim:
+        return None
+    return (
+        f"cube {cube!r} records embeddings of model {config_model!r} ({config_dim}-d) "
+        f"but this daemon embeds with {model!r} ({dim}-d); re-create the cube with the "
+        f"daemon's model or configure the daemon with {config_model!r}"
+    )
+
+
+class CubeIndex:
+    """Search state of one cube.  Thread-safe (one lock for the id maps and BM25)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        dense: DenseIndex | None,
+        mismatch: str | None = None,
+        bm25: BM25Index | None = None,
+    ) -> None:
+        self.name = name
+        self.dense = dense
+        self.mismatch = mismatch
+        self.bm25 = bm25 if bm25 is not None else BM25Index()
+        self.lock = threading.Lock()
+        self.by_item: dict[str, tuple[int, int]] = {}
+        self.by_label: dict[int, str] = {}
+        self.next_label = 1
+        self.dirty = True
+
+    def __len__(self) -> int:
+        return len(self.by_item)
+
+    def version_of(self, item_id: str) -> int | None:
+        entry = self.by_item.get(item_id)
+        return None if entry is None else entry[1]
+
+    def upsert_many(
+        self,
+        entries: Sequence[tuple[str, int, str]],
+        vectors: npt.NDArray[np.float32] | None,
+    ) -> None:
+        """Index ``(item_id, version, text)`` entries; ``vectors`` row-aligned (or None)."""
+        if not entries:
+            return
+        if self.dense is not None and vectors is None:
+            raise ValueError("vectors are required for a cube with a dense index")
+        labels: list[int] = []
+        stale: list[int] = []
+        with self.lock:
+            for item_id, version, text in entries:
+                old = self.by_item.get(item_id)
+                if old is not None:
+                    stale.append(old[0])
+                    self.bm25.remove(old[0])
+                    del self.by_label[old[0]]
+                label = self.next_label
+                self.next_label += 1
+                self.by_item[item_id] = (label, version)
+                self.by_label[label] = item_id
+                self.bm25.add(label, text)
+                labels.append(label)
+            self.dirty = True
+        if self.dense is not None and vectors is not None:
+            if stale:
+                self.dense.remove(stale)
+            self.dense.add(labels, vectors)
+
+    def remove(self, item_id: str) -> bool:
+        with self.lock:
+            old = self.by_item.pop(item_id, None)
+            if old is None:
+                return False
+            del self.by_label[old[0]]
+            self.bm25.remove(old[0])
+            self.dirty = True
+        if self.dense is not None:
+            self.dense.remove([old[0]])
+        return True
+
+    def require_dense(self) -> DenseIndex:
+        if self.dense is None:
+            raise BadRequest(
+                self.mismatch or f"cube {self.name!r} has no dense index",
+                reason="embedding_mismatch",
+                cube=self.name,
+            )
+        return self.dense
+
+    def search_dense(self, query: npt.NDArray[np.float32], n: int) -> list[tuple[str, float]]:
+        dense = self.require_dense()
+        found = dense.search(query, n)
+        by_label = self.by_label
+        # A label can vanish between the faiss search and here (concurrent update): skip it.
+        return [(by_label[lab], s) for lab, s in found if lab in by_label]
+
+    def search_lexical(self, terms: Sequence[str], n: int) -> list[tuple[str, float]]:
+        with self.lock:
+            found = self.bm25.search(terms, n)
+            return [(self.by_label[lab], s) for lab, s in found]
+
+    def stats(self) -> dict[str, Any]:
+        dense = self.dense
+        return {
+            "items": len(self.by_item),
+            "dense_kind": None if dense is None else dense.kind,
+            "dense_vectors": 0 if dense is None else len(dense),
+            "dense_tombstones": 0 if dense is None else dense.tombstones,
+            "dense_building": False if dense is None else dense.building,
+            "bm25_docs": len(self.bm25),
+            "embedding_mismatch": self.mismatch,
+        }

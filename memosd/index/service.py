@@ -1,0 +1,498 @@
+"""SearchService: the one object the daemon uses for search.
+
+::
+
+    svc = SearchService(engine, data_dir, embedder=None, settings=IndexSettings())
+    svc.start()                    # load snapshot + catch up in the background; returns at once
+    svc.wait_ready(timeout)        # optional: block until the index reached the engine's LSN
+    hits = svc.search(["notes"], "where do I live", k=10, wait_for_lsn=lsn)
+    svc.status()                   # indexed LSN, per-cube sizes, index kinds, rebuild progress
+    svc.close()                    # drain the queue, snapshot, stop
+
+Search (``mode="hybrid"``, the default):
+
+1. wait until ``indexed_lsn >= wait_for_lsn`` (read-your-writes), if asked;
+2. per cube: the best ``candidates`` items by dense similarity (faiss) and by
+   BM25; each modality's lists of all cubes are merged by score;
+3. fusion of the two merged lists: by default a weighted sum of scaled
+   scores (``fusion="score"``), or reciprocal rank fusion (``fusion="rrf"``);
+4. walk the fused list, read each item's latest version from the engine,
+   apply the filters, apply boosts, keep ``k`` (if filters leave fewer than
+   ``k`` the candidate pool grows 4x and the search repeats);
+5. ``engine.record_hits(cube, ids)`` for the returned items (batched in the
+   engine, no WAL record).
+
+``mode="dense"`` scores by cosine similarity alone, ``mode="lexical"`` by
+BM25 alone.  Every hit carries its component scores (``dense``, ``lexical``,
+``fused`` or ``rrf``, boosts, and with ``explain=True`` each list's rank and
+scaled score).
+
+Filters with ``as_of_us`` or a status other than ``"active"`` cannot use the
+live index (it holds only latest active versions): such a search scans the
+cube's items in the engine (the version current at ``as_of_us``, or the latest
+one), scores them with a throw-away BM25 and freshly embedded vectors, then
+fuses as above.  Linear in the cube size and bounded by
+``history_scan_limit``: meant for audits and time travel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from memosd.embed import Embedder, MiniLMEmbedder, QueryCache
+from memosd.errors import BadRequest, NotFound, TooLarge, Unavailable
+from memosd.index.bm25 import BM25Index, tokenize
+from memosd.index.cube import CubeIndex, embedding_mismatch, indexed_text
+from memosd.index.filters import SearchFilters, matches, needs_history, validate_filters
+from memosd.index.fusion import (
+    Boosts,
+    boost_components,
+    reciprocal_rank_fusion,
+    score_fusion,
+)
+from memosd.index.indexer import Indexer
+from memosd.index.settings import IndexSettings
+from memosd.memcube import versioning
+from memosd.memcube.model import CubeConfig, MemoryItem
+
+__all__ = ["MODES", "SearchHit", "SearchService"]
+
+MODES: Final = ("hybrid", "dense", "lexical")
+_SCAN_PAGE: Final = 512
+
+Key = tuple[str, str]  # (cube, item id)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    item: MemoryItem
+    score: float
+    components: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Candidates:
+    dense: list[tuple[Key, float]]
+    lexical: list[tuple[Key, float]]
+    exhausted: bool
+
+
+class SearchService:
+    """Hybrid (dense + BM25) search over cubes, kept in step with the engine."""
+
+    def __init__(
+        self,
+        engine: Any,
+        data_dir: str | os.PathLike[str],
+        *,
+        embedder: Embedder | None = None,
+        settings: IndexSettings | None = None,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings or IndexSettings()
+        if embedder is None:
+            embedder = MiniLMEmbedder(threads=self.settings.embed_threads)
+        self.embedder: Embedder = embedder
+        self.root = Path(data_dir) / "index"
+        self.queries = QueryCache(embedder, self.settings.query_cache_size)
+        self.indexer = Indexer(engine, self.root, embedder, self.settings)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Attach to the engine and start loading/catching up in the background."""
+        self.indexer.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until start-up (snapshot load, catch-up or rebuild) finished."""
+        return self.indexer.wait_ready(timeout)
+
+    def wait_indexed(self, lsn: int, timeout: float | None = None) -> bool:
+        return self.indexer.wait_indexed(lsn, timeout)
+
+    def snapshot(self, timeout: float | None = None) -> bool:
+        """Write a snapshot of changed cubes now (and wait for it)."""
+        return self.indexer.request_snapshot(timeout)
+
+    def close(self) -> None:
+        """Index what is queued, write a snapshot, stop the worker (idempotent)."""
+        self.indexer.stop(snapshot=True)
+
+    def __enter__(self) -> SearchService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- cube configuration ---------------------------------------------------------
+
+    def cube_config(self, **extra: Any) -> CubeConfig:
+        """A CubeConfig recording this service's embedding model and dimension."""
+        return CubeConfig(
+            embedding_model=self.embedder.model_name, embedding_dim=self.embedder.dim, **extra
+        )
+
+    def check_cube_config(self, cube: str, config: CubeConfig) -> None:
+        """BadRequest(reason="embedding_mismatch") if ``config`` records another embedding."""
+        message = embedding_mismatch(
+            cube,
+            config.embedding_model,
+            config.embedding_dim,
+            self.embedder.model_name,
+            self.embedder.dim,
+        )
+        if message is not None:
+            raise BadRequest(message, reason="embedding_mismatch", cube=cube)
+
+    # --- search -------------------------------------------------------------------
+
+    def search(
+        self,
+        cubes: Sequence[str],
+        query: str,
+        *,
+        k: int = 10,
+        filters: SearchFilters | None = None,
+        boosts: Boosts | None = None,
+        wait_for_lsn: int | None = None,
+        mode: str = "hybrid",
+        explain: bool = False,
+    ) -> list[SearchHit]:
+        """The best ``k`` hits over ``cubes`` for ``query``, best first (see module doc)."""
+        names = self._validate(cubes, query, k, mode)
+        if filters is not None:
+            validate_filters(filters)
+        if self.indexer.state in ("stopped", "error"):
+            raise Unavailable(
+                f"the search index is {self.indexer.state}"
+                + (f": {self.indexer.last_error}" if self.indexer.last_error else ""),
+                reason="index_" + self.indexer.state,
+            )
+        for name in names:
+            self.engine.get_cube(name)  # NotFound for an unknown cube
+        if wait_for_lsn is not None and not self.indexer.wait_indexed(
+            wait_for_lsn, self.settings.wait_timeout_s
+        ):
+            raise Unavailable(
+                f"the search index has not reached LSN {wait_for_lsn} within "
+                f"{self.settings.wait_timeout_s} s (at {self.indexer.indexed_lsn})",
+                reason="index_lagging",
+            )
+        if not query.strip():
+            return []
+        if needs_history(filters):
+            hits = self._search_history(
+                names, query=query, k=k, filters=filters, boosts=boosts, mode=mode, explain=explain
+            )
+        else:
+            hits = self._search_live(
+                names, query=query, k=k, filters=filters, boosts=boosts, mode=mode, explain=explain
+            )
+        self._record_hits(hits)
+        return hits
+
+    def _validate(self, cubes: Sequence[str], query: str, k: int, mode: str) -> list[str]:
+        if isinstance(cubes, str):
+            cubes = [cubes]
+        names = list(dict.fromkeys(cubes))
+        if not names or not all(isinstance(c, str) for c in names):
+            raise BadRequest("search needs at least one cube name")
+        if not isinstance(query, str):
+            raise BadRequest("query must be a string")
+        if type(k) is not int or not 1 <= k <= self.settings.max_k:
+            raise BadRequest(f"k must be an int in 1..{self.settings.max_k}, got {k!r}")
+        if mode not in MODES:
+            raise BadRequest(f"mode must be one of {MODES}, got {mode!r}")
+        return names
+
+    def _search_live(
+        self,
+        names: list[str],
+        *,
+        query: str,
+        k: int,
+        filters: SearchFilters | None,
+        boosts: Boosts | None,
+        mode: str,
+        explain: bool,
+    ) -> list[SearchHit]:
+        cubes = [c for c in (self.indexer.cube(n) for n in names) if c is not None]
+        if mode != "lexical":
+            for cube in cubes:
+                cube.require_dense()
+        vector = self.queries.embed_query(query) if mode != "lexical" else None
+        terms = tokenize(query) if mode != "dense" else []
+        n = max(self.settings.candidates, k)
+        while True:
+            found = self._gather(cubes, vector, terms, n)
+            hits = self._rank_and_fetch(
+                found,
+                k=k,
+                filters=filters,
+                boosts=boosts,
+                mode=mode,
+                explain=explain,
+                fetch=self._latest,
+            )
+            if len(hits) >= k or found.exhausted:
+                return hits
+            n *= 4
+
+    def _gather(
+        self,
+        cubes: list[CubeIndex],
+        vector: np.ndarray[Any, Any] | None,
+        terms: list[str],
+        n: int,
+    ) -> _Candidates:
+        dense: list[tuple[Key, float]] = []
+        lexical: list[tuple[Key, float]] = []
+        exhausted = True
+        for cube in cubes:
+            if vector is not None:
+                got = cube.search_dense(vector, n)
+                exhausted = exhausted and len(got) < n
+                dense.extend(((cube.name, item_id), s) for item_id, s in got)
+            if terms:
+                got = cube.search_lexical(terms, n)
+                exhausted = exhausted and len(got) < n
+                lexical.extend(((cube.name, item_id), s) for item_id, s in got)
+        dense.sort(key=lambda e: -e[1])
+        lexical.sort(key=lambda e: -e[1])
+        return _Candidates(dense, lexical, exhausted)
+
+    def _latest(self, keys: list[Key]) -> list[MemoryItem | None]:
+        """Latest versions of ``keys`` (None where gone), in one engine read if possible."""
+        get_many = getattr(self.engine, "get_many", None)
+        if get_many is not None:
+            by_cube: dict[str, list[str]] = {}
+            for cube, item_id in keys:
+                by_cube.setdefault(cube, []).append(item_id)
+            found: dict[Key, MemoryItem | None] = {}
+            for cube, ids in by_cube.items():
+                for item_id, item in zip(ids, get_many(cube, ids), strict=True):
+                    found[(cube, item_id)] = item
+            return [found[key] for key in keys]
+        items: list[MemoryItem | None] = []
+        for cube, item_id in keys:
+            try:
+                items.append(self.engine.get(cube, item_id))
+            except NotFound:
+                items.append(None)
+        return items
+
+    def _rank_and_fetch(
+        self,
+        found: _Candidates,
+        *,
+        k: int,
+        filters: SearchFilters | None,
+        boosts: Boosts | None,
+        mode: str,
+        explain: bool,
+        fetch: Callable[[list[Key]], list[MemoryItem | None]],
+    ) -> list[SearchHit]:
+        dense_scores = dict(found.dense)
+        lexical_scores = dict(found.lexical)
+        ranked: list[tuple[Key, float, dict[str, float]]] = []
+        if mode == "hybrid":
+            weights = {"dense": self.settings.dense_weight, "lexical": self.settings.lexical_weight}
+            if self.settings.fusion == "rrf":
+                fused_ranks = reciprocal_rank_fusion(
+                    {
+                        "dense": [key for key, _ in found.dense],
+                        "lexical": [key for key, _ in found.lexical],
+                    },
+                    rrf_k=self.settings.rrf_k,
+                    weights=weights,
+                )
+                for key, score, ranks in fused_ranks:
+                    components = {"rrf": score}
+                    if explain:
+                        components.update({f"{n}_rank": float(r) for n, r in ranks.items()})
+                    ranked.append((key, score, components))
+            else:
+                fused = score_fusion(
+                    {"dense": found.dense, "lexical": found.lexical},
+                    weights=weights,
+                    scaling={"dense": "minmax", "lexical": "max"},
+                )
+                for key, score, scaled in fused:
+                    components = {"fused": score}
+                    if explain:
+                        components.update({f"{n}_scaled": v for n, v in scaled.items()})
+                    ranked.append((key, score, components))
+            for key, _, components in ranked:
+                if key in dense_scores:
+                    components["dense"] = dense_scores[key]
+                if key in lexical_scores:
+                    components["lexical"] = lexical_scores[key]
+            if explain:
+                for rank_name, source in (
+                    ("dense_rank", found.dense),
+                    ("lexical_rank", found.lexical),
+                ):
+                    positions = {key: i for i, (key, _) in enumerate(source, start=1)}
+                    for key, _, components in ranked:
+                        if key in positions:
+                            components[rank_name] = float(positions[key])
+        else:
+            source = found.dense if mode == "dense" else found.lexical
+            name = "dense" if mode == "dense" else "lexical"
+            for rank, (key, score) in enumerate(source, start=1):
+                components = {name: score}
+                if explain:
+                    components[f"{name}_rank"] = float(rank)
+                ranked.append((key, score, components))
+
+        boosting = boosts is not None and boosts.active
+        now_us = time.time_ns() // 1000
+        if boosts is not None and boosts.now_us is not None:
+            now_us = boosts.now_us
+        hits: list[SearchHit] = []
+        # Read items in chunks (one engine read each when the engine has get_many):
+        # without boosts only until k pass the filters.
+        chunk = max(1, len(ranked) if boosting else k)
+        start = 0
+        while start < len(ranked):
+            part = ranked[start : start + chunk]
+            start += len(part)
+            items = fetch([key for key, _, _ in part])
+            for (_, base, components), item in zip(part, items, strict=True):
+                if item is None or not matches(item, filters):
+                    continue
+                score = base
+                if boosting:
+                    assert boosts is not None
+                    extra = boost_components(
+                        boosts,
+                        now_us=now_us,
+                        time_us=item.recorded_us
+                        if item.valid_from_us is None
+                        else item.valid_from_us,
+                        heat=item.usage.heat,
+                        importance=item.importance,
+                    )
+                    components.update(extra)
+                    components["base"] = base
+                    score = base * (1.0 + sum(extra.values()))
+                hits.append(SearchHit(item, score, components))
+            if not boosting and len(hits) >= k:
+                break
+            chunk = max(chunk, 2 * k)
+        if boosting:
+            hits.sort(key=lambda h: -h.score)
+        return hits[:k]
+
+    def _search_history(
+        self,
+        names: list[str],
+        *,
+        query: str,
+        k: int,
+        filters: SearchFilters | None,
+        boosts: Boosts | None,
+        mode: str,
+        explain: bool,
+    ) -> list[SearchHit]:
+        assert filters is not None
+        items: dict[Key, MemoryItem] = {}
+        for name in names:
+            for item in self._scan_versions(name, filters):
+                items[(name, item.id)] = item
+        keys = [key for key, item in items.items() if item.text.strip()]
+        dense: list[tuple[Key, float]] = []
+        lexical: list[tuple[Key, float]] = []
+        if mode != "dense":
+            bm25 = BM25Index()
+            for label, key in enumerate(keys):
+                bm25.add(label, indexed_text(items[key], self.settings.context_key))
+            lexical = [(keys[label], s) for label, s in bm25.search(query, len(keys))]
+        if mode != "lexical" and keys:
+            for name in names:
+                cube = self.indexer.cube(name)
+                if cube is not None:
+                    cube.require_dense()
+            vector = self.queries.embed_query(query)
+            vectors = np.concatenate(
+                [
+                    self.embedder.embed(
+                        [
+                            indexed_text(items[key], self.settings.context_key)
+                            for key in keys[i : i + 256]
+                        ]
+                    )
+                    for i in range(0, len(keys), 256)
+                ]
+            )
+            sims = vectors @ vector
+            order = np.argsort(-sims, kind="stable")
+            dense = [(keys[int(i)], float(sims[int(i)])) for i in order]
+        found = _Candidates(dense, lexical, exhausted=True)
+        return self._rank_and_fetch(
+            found,
+            k=k,
+            filters=filters,
+            boosts=boosts,
+            mode=mode,
+            explain=explain,
+            fetch=lambda keys: [items.get(key) for key in keys],
+        )
+
+    def _scan_versions(self, cube: str, filters: SearchFilters) -> list[MemoryItem]:
+        """Each item's version at ``as_of_us`` (or latest) in ``cube`` that passes the filters."""
+        out: list[MemoryItem] = []
+        after: str | None = None
+        scanned = 0
+        while True:
+            page = self.engine.list_items(cube, status=None, limit=_SCAN_PAGE, after=after)
+            for latest in page:
+                scanned += 1
+                if scanned > self.settings.history_scan_limit:
+                    raise TooLarge(
+                        f"cube {cube!r} has more than history_scan_limit="
+                        f"{self.settings.history_scan_limit} items for an as_of/status search",
+                        reason="history_scan_limit",
+                    )
+                version: MemoryItem | None = latest
+                if filters.as_of_us is not None:
+                    version = versioning.as_of(
+                        self.engine.history(cube, latest.id), filters.as_of_us
+                    )
+                if version is not None and matches(version, filters):
+                    out.append(version)
+            if len(page) < _SCAN_PAGE:
+                return out
+            after = page[-1].id
+
+    def _record_hits(self, hits: list[SearchHit]) -> None:
+        by_cube: dict[str, list[str]] = {}
+        for hit in hits:
+            by_cube.setdefault(hit.item.cube, []).append(hit.item.id)
+        now_us = time.time_ns() // 1000
+        for cube, ids in by_cube.items():
+            with contextlib.suppress(NotFound):  # dropped meanwhile
+                self.engine.record_hits(cube, ids, now_us=now_us)
+
+    # --- status -------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        status = self.indexer.status()
+        try:
+            applied = self.indexer.engine_lsn()
+        except Exception:
+            applied = None
+        status["applied_lsn"] = applied
+        status["lag"] = None if applied is None else max(0, applied - status["indexed_lsn"])
+        status["embedder"] = {"model": self.embedder.model_name, "dim": self.embedder.dim}
+        status["query_cache"] = self.queries.stats()
+        return status

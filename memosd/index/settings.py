@@ -1,0 +1,99 @@
+"""Settings of the search indexes (one frozen dataclass, documented defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from memosd.errors import BadRequest
+
+__all__ = ["IndexSettings"]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSettings:
+    """Tuning of the per-cube indexes, the indexer and hybrid search.
+
+    Dense index:
+      ``hnsw_threshold`` (20_000) live vectors in a cube before it switches from
+      exact flat search to HNSW (a flat 384-d query costs ~1.5 ms at 20k, ~7 ms
+      at 100k here); ``hnsw_m`` (32) graph degree; ``ef_construction`` (128);
+      ``ef_search`` (128) - recall@10 >= 0.95 of exact on clustered data at 100k;
+      ``hnsw_rebuild_ratio`` (0.25) tombstones / graph size that triggers a
+      fresh graph; ``build_threads`` (1) OpenMP threads of a background build;
+      ``hnsw_background`` (True) build off the indexer thread (False: inline,
+      for deterministic tests).
+
+    Embedding:
+      ``embed_threads`` (1) torch threads of the default MiniLM embedder.
+      One thread is the default on purpose: on a busy 2-core machine torch and
+      OpenMP with 2 threads collapse (measured: MiniLM 5.7 texts/s with 2
+      threads vs 88 with 1 while other processes used the CPU).
+
+    Indexer:
+      ``batch_size`` (64) texts per embedding call (MiniLM is ~10x faster per
+      text on batches); ``batch_wait_s`` (0.005) how long the worker waits to
+      fill a batch; ``snapshot_interval_s`` (60.0) seconds between snapshots of
+      changed cubes (0 disables periodic snapshots; close() always writes one);
+      ``snapshot_min_changes`` (1) changes needed before a periodic snapshot;
+      ``wait_timeout_s`` (10.0) longest a ``wait_for_lsn`` search waits.
+
+    Search:
+      ``fusion`` ("score") how hybrid search fuses the dense and lexical lists:
+      "score" (weighted sum of scaled scores, see memosd.index.fusion) or
+      "rrf" (reciprocal rank fusion); ``rrf_k`` (60.0) the RRF constant;
+      ``dense_weight`` (0.3) and ``lexical_weight`` (0.7) the lists' weights
+      in either fusion (tuned on LoCoMo; see docs/retrieval.md);
+      ``context_key`` ("context") if an item's metadata holds a string under
+      this key, it is indexed with the text (BM25 and embedding) but not
+      returned as part of it - e.g. the previous conversation turn;
+      ``candidates`` (100) candidates taken from each list before fusion
+      (more are fetched if filters remove too many); ``max_k`` (1000);
+      ``query_cache_size`` (1024) LRU query embeddings; ``history_scan_limit``
+      (50_000) items an ``as_of``/non-active-status search may scan per cube.
+    """
+
+    hnsw_threshold: int = 20_000
+    hnsw_m: int = 32
+    ef_construction: int = 128
+    ef_search: int = 128
+    hnsw_rebuild_ratio: float = 0.25
+    build_threads: int = 1
+    hnsw_background: bool = True
+    embed_threads: int = 1
+    batch_size: int = 64
+    batch_wait_s: float = 0.005
+    snapshot_interval_s: float = 60.0
+    snapshot_min_changes: int = 1
+    wait_timeout_s: float = 10.0
+    fusion: str = "score"
+    rrf_k: float = 60.0
+    dense_weight: float = 0.3
+    lexical_weight: float = 0.7
+    context_key: str | None = "context"
+    candidates: int = 100
+    max_k: int = 1000
+    query_cache_size: int = 1024
+    history_scan_limit: int = 50_000
+
+    def __post_init__(self) -> None:
+        positive = ("hnsw_threshold", "hnsw_m", "ef_construction", "ef_search", "batch_size")
+        for name in (*positive, "candidates", "max_k", "build_threads"):
+            if getattr(self, name) <= 0:
+                raise BadRequest(f"index setting {name} must be positive")
+        if self.rrf_k < 0 or self.dense_weight < 0 or self.lexical_weight < 0:
+            raise BadRequest("rrf_k and fusion weights must be >= 0")
+        if self.fusion not in ("score", "rrf"):
+            raise BadRequest(f"index setting fusion must be 'score' or 'rrf', got {self.fusion!r}")
+
+    def dense_settings(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`memosd.index.dense.DenseIndex`."""
+        return {
+            "hnsw_threshold": self.hnsw_threshold,
+            "hnsw_m": self.hnsw_m,
+            "ef_construction": self.ef_construction,
+            "ef_search": self.ef_search,
+            "rebuild_ratio": self.hnsw_rebuild_ratio,
+            "build_threads": self.build_threads,
+            "background": self.hnsw_background,
+        }

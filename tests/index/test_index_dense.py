@@ -1,0 +1,84 @@
+"""The faiss index: exact while small, HNSW past a size, deletions, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memosd.errors import BadRequest
+from memosd.index.dense import DenseIndex
+
+
+def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((32, dim)).astype(np.float32)
+    x = centres[rng.integers(0, 32, n)] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def _exact(x: np.ndarray, live: np.ndarray, q: np.ndarray, k: int) -> set[int]:
+    sims = x[live] @ q
+    return {int(live[i]) for i in np.argsort(-sims)[:k]}
+
+
+def test_flat_to_hnsw_switch_keeps_recall() -> None:
+    dim, n = 32, 6000
+    x = _clustered(n, dim)
+    index = DenseIndex(dim, hnsw_threshold=3000, ef_search=192, background=True)
+    index.add(range(2000), x[:2000])
+    assert index.kind == "flat"
+    index.add(range(2000, 4000), x[2000:4000])  # crosses the threshold: background build
+    # Writes during the build are logged and replayed onto the new graph.
+    index.add(range(4000, n), x[4000:])
+    index.remove(range(0, 300))
+    assert index.wait_build(timeout=60)
+    assert index.kind == "hnsw"
+    assert len(index) == n - 300
+    live = np.arange(300, n)
+    queries = _clustered(100, dim, seed=1)
+    recall = []
+    for q in queries:
+        got = {label for label, _ in index.search(q, 10)}
+        assert not got & set(range(300))  # removed labels never come back
+        recall.append(len(got & _exact(x, live, q, 10)) / 10)
+    assert np.mean(recall) >= 0.95
+
+
+def test_flat_search_is_exact_and_removal_is_real() -> None:
+    x = _clustered(500, 16)
+    index = DenseIndex(16)
+    index.add(range(500), x)
+    assert index.search(x[7], 1) == [(7, pytest.approx(1.0, abs=1e-5))]
+    index.remove([7])
+    assert 7 not in {label for label, _ in index.search(x[7], 5)}
+    assert index.tombstones == 0
+    index.add([7], x[8:9])  # a label may come back with another vector
+    assert index.search(x[8], 2)[0][1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_dimension_mismatch_is_a_bad_request() -> None:
+    index = DenseIndex(16)
+    with pytest.raises(BadRequest) as info:
+        index.add([1], np.zeros((1, 8), dtype=np.float32))
+    assert info.value.reason == "embedding_mismatch"
+    with pytest.raises(BadRequest):
+        index.search(np.zeros(8, dtype=np.float32), 3)
+
+
+def test_tombstones_trigger_a_fresh_graph(tmp_path: Path) -> None:
+    x = _clustered(1200, 16)
+    index = DenseIndex(16, hnsw_threshold=1000, rebuild_ratio=0.2, background=False)
+    index.add(range(1200), x)
+    assert (index.kind, index.builds) == ("hnsw", 1)
+    index.remove(range(200))
+    assert index.tombstones == 200
+    index.remove(range(200, 300))  # 300 > 0.2 * 1200: rebuilt without them
+    assert (index.tombstones, index.builds, len(index)) == (0, 2, 900)
+    path = str(tmp_path / "d.faiss")
+    index.write(path)
+    loaded = DenseIndex.load(path, index.live_labels(), hnsw_threshold=1000)
+    assert loaded.kind == "hnsw"
+    assert loaded.search(x[500], 3) == index.search(x[500], 3)

@@ -1,0 +1,55 @@
+"""The embedded MiniLM model: offline, normalised, semantically useful."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memosd.embed import MiniLMEmbedder, QueryCache
+from memosd.engine import Engine
+from memosd.index import IndexSettings, SearchService
+
+
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMEmbedder:
+    return MiniLMEmbedder(threads=1)
+
+
+def test_minilm_is_offline_and_normalised(minilm: MiniLMEmbedder) -> None:
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert (minilm.model_name, minilm.dim) == ("all-MiniLM-L6-v2", 384)
+    vectors = minilm.embed(["hello", "world", ""])
+    assert vectors.shape == (3, 384)
+    assert vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors[:2], axis=1), 1.0, atol=1e-5)
+    cache = QueryCache(minilm, size=2)
+    first = cache.embed_query("hello")
+    assert cache.embed_query("hello") is first
+    assert cache.stats()["hits"] == 1
+
+
+def test_semantic_ranking(minilm: MiniLMEmbedder, tmp_path: Path) -> None:
+    with Engine.open(tmp_path) as engine:
+        svc = SearchService(
+            engine, tmp_path, embedder=minilm, settings=IndexSettings(snapshot_interval_s=0)
+        )
+        svc.start()
+        engine.create_cube("me", owner="uid:1", config=svc.cube_config())
+        for text in (
+            "I live in Berlin",
+            "My sister plays the violin",
+            "We adopted a puppy last spring",
+            "I work as a nurse at the hospital",
+        ):
+            engine.add("me", text)
+        lsn = engine.applied_lsn
+        hits = svc.search(["me"], "where do I live", k=2, mode="dense", wait_for_lsn=lsn)
+        assert hits[0].item.text == "I live in Berlin"
+        hits = svc.search(["me"], "what is my job", k=1, mode="dense")
+        assert hits[0].item.text == "I work as a nurse at the hospital"
+        hits = svc.search(["me"], "do we have a dog", k=1)
+        assert hits[0].item.text == "We adopted a puppy last spring"
+        svc.close()

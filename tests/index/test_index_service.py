@@ -1,0 +1,264 @@
+"""SearchService over a real engine, with the hashing embedder (fast, lexical vectors)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memosd.embed import HashingEmbedder
+from memosd.engine import Engine
+from memosd.errors import BadRequest, NotFound, Unavailable
+from memosd.index import Boosts, IndexSettings, SearchFilters, SearchService
+from memosd.memcube.model import CubeConfig
+
+SETTINGS = IndexSettings(snapshot_interval_s=0, batch_wait_s=0.001)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000_000
+
+    def __call__(self) -> int:
+        self.now += 1000
+        return self.now
+
+
+@pytest.fixture
+def embedder() -> HashingEmbedder:
+    return HashingEmbedder(64)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    with Engine.open(tmp_path / "data", clock=FakeClock()) as eng:
+        yield eng
+
+
+@pytest.fixture
+def service(engine: Engine, tmp_path: Path, embedder: HashingEmbedder) -> Iterator[SearchService]:
+    svc = SearchService(engine, tmp_path / "data", embedder=embedder, settings=SETTINGS)
+    svc.start()
+    assert svc.wait_ready(10)
+    engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
+    yield svc
+    svc.close()
+
+
+def _texts(hits: list) -> list[str]:  # type: ignore[type-arg]
+    return [h.item.text for h in hits]
+
+
+def test_read_your_writes_and_modes(engine: Engine, service: SearchService) -> None:
+    engine.add("notes", "I live in Berlin near the river")
+    engine.add("notes", "my favourite food is ramen")
+    engine.add("notes", "the cat sleeps on the sofa")
+    lsn = engine.applied_lsn
+    for mode in ("hybrid", "dense", "lexical"):
+        hits = service.search(["notes"], "berlin river", wait_for_lsn=lsn, mode=mode)
+        assert _texts(hits)[0] == "I live in Berlin near the river", mode
+    hits = service.search(["notes"], "ramen food", k=1, explain=True)
+    assert len(hits) == 1
+    assert {"fused", "dense", "lexical", "dense_rank", "lexical_rank"} <= set(hits[0].components)
+    assert service.search(["notes"], "   ") == []
+    with pytest.raises(BadRequest):
+        service.search(["notes"], "x", mode="fuzzy")
+    with pytest.raises(BadRequest):
+        service.search(["notes"], "x", k=0)
+    with pytest.raises(NotFound):
+        service.search(["nope"], "x")
+
+
+def test_updates_deletes_and_purges_are_reflected(engine: Engine, service: SearchService) -> None:
+    item = engine.add("notes", "I live in Berlin")
+    other = engine.add("notes", "secret code is 1234")
+    engine.update("notes", item.id, text="I live in Paris")
+    engine.delete("notes", other.id)
+    lsn = engine.applied_lsn
+    hits = service.search(["notes"], "live berlin paris", wait_for_lsn=lsn)
+    assert [(h.item.text, h.item.version) for h in hits] == [("I live in Paris", 2)]
+    assert service.search(["notes"], "secret code", mode="lexical") == []
+    engine.purge("notes", item.id)
+    assert service.search(["notes"], "paris", wait_for_lsn=engine.applied_lsn) == []
+    archived = engine.add("notes", "old address in Rome")
+    engine.update("notes", archived.id, status="archived")
+    assert service.search(["notes"], "rome", wait_for_lsn=engine.applied_lsn) == []
+    hits = service.search(["notes"], "rome", filters=SearchFilters(status="archived"))
+    assert _texts(hits) == ["old address in Rome"]
+    status = service.status()
+    assert status["cubes"]["notes"]["items"] == 0
+    assert status["indexed_lsn"] == engine.applied_lsn
+    assert status["lag"] == 0
+
+
+def test_filters_boosts_and_as_of(engine: Engine, service: SearchService) -> None:
+    a = engine.add("notes", "coffee in the morning", tier="long", tags=("habit",), session="s1")
+    engine.add("notes", "coffee with Anna", tier="short", tags=("people",), session="s2")
+    engine.add("notes", "coffee beans from Kenya", importance=1.0, session="s2")
+    lsn = engine.applied_lsn
+    hits = service.search(
+        ["notes"], "coffee", wait_for_lsn=lsn, filters=SearchFilters(tiers=("long",))
+    )
+    assert _texts(hits) == ["coffee in the morning"]
+    hits = service.search(["notes"], "coffee", filters=SearchFilters(tags=("people",)))
+    assert _texts(hits) == ["coffee with Anna"]
+    hits = service.search(["notes"], "coffee", filters=SearchFilters(sessions=("s2",)))
+    assert set(_texts(hits)) == {"coffee with Anna", "coffee beans from Kenya"}
+    boosted = service.search(["notes"], "coffee", boosts=Boosts(importance=10.0))
+    assert boosted[0].item.text == "coffee beans from Kenya"
+    assert "importance" in boosted[0].components
+    # Time travel: the text an item had at a past system time.
+    before = a.recorded_us
+    engine.update("notes", a.id, text="tea in the morning")
+    service.wait_indexed(engine.applied_lsn, 10)
+    assert "tea in the morning" in _texts(service.search(["notes"], "morning"))
+    past = service.search(["notes"], "coffee morning", filters=SearchFilters(as_of_us=before))
+    assert past[0].item.text == "coffee in the morning"
+    assert past[0].item.version == 1
+
+
+def test_search_spans_cubes_and_records_hits(engine: Engine, service: SearchService) -> None:
+    engine.create_cube("work", owner="uid:1", config=service.cube_config())
+    engine.add("notes", "dentist appointment on friday")
+    w = engine.add("work", "friday deadline for the report")
+    hits = service.search(["notes", "work"], "friday", wait_for_lsn=engine.applied_lsn)
+    assert {h.item.cube for h in hits} == {"notes", "work"}
+    engine.checkpoint()  # flushes pending usage
+    assert engine.get("work", w.id).usage.hits == 1
+
+
+def test_embedding_mismatch_is_refused(engine: Engine, service: SearchService) -> None:
+    engine.create_cube("other", owner="uid:1", config=CubeConfig("e5-large", 1024))
+    engine.add("other", "hello world")
+    lsn = engine.applied_lsn
+    with pytest.raises(BadRequest) as info:
+        service.search(["other"], "hello", wait_for_lsn=lsn)
+    assert info.value.reason == "embedding_mismatch"
+    assert "e5-large" in info.value.message
+    # Lexical search still works on such a cube.
+    assert _texts(service.search(["other"], "hello", mode="lexical")) == ["hello world"]
+    with pytest.raises(BadRequest):
+        service.check_cube_config("other", CubeConfig("e5-large", 1024))
+    assert service.status()["cubes"]["other"]["embedding_mismatch"]
+
+
+def test_restart_catches_up_from_snapshot_without_reembedding(
+    engine: Engine, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    first = HashingEmbedder(64)
+    svc = SearchService(engine, data, embedder=first, settings=SETTINGS)
+    svc.start()
+    engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
+    items = [engine.add("notes", f"note number {i} about topic{i % 7}") for i in range(40)]
+    svc.wait_indexed(engine.applied_lsn, 10)
+    svc.close()  # writes the snapshot
+    assert (data / "index" / "MANIFEST").exists()
+    # Changes while the index is down: replayed from engine.changes_since.
+    engine.update("notes", items[0].id, text="rewritten note about volcanoes")
+    engine.delete("notes", items[1].id)
+    engine.add("notes", "a brand new note about glaciers")
+
+    second = HashingEmbedder(64)
+    svc2 = SearchService(engine, data, embedder=second, settings=SETTINGS)
+    svc2.start()
+    assert svc2.wait_ready(10)
+    assert second.texts_embedded == 2  # the update and the new item, nothing else
+    assert svc2.status()["cubes"]["notes"]["items"] == 40
+    assert _texts(svc2.search(["notes"], "volcanoes", k=1)) == ["rewritten note about volcanoes"]
+    assert _texts(svc2.search(["notes"], "glaciers", k=1)) == ["a brand new note about glaciers"]
+    hits = svc2.search(["notes"], "note number 1 about topic1", mode="lexical", k=40)
+    assert items[1].id not in {h.item.id for h in hits}
+    svc2.close()
+
+
+def test_corrupt_snapshot_is_rebuilt(engine: Engine, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    svc = SearchService(engine, data, embedder=HashingEmbedder(64), settings=SETTINGS)
+    svc.start()
+    engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
+    for i in range(10):
+        engine.add("notes", f"fact {i} penguin{i}")
+    svc.wait_indexed(engine.applied_lsn, 10)
+    svc.close()
+    faiss_file = next((data / "index" / "notes").glob("*.faiss"))
+    raw = bytearray(faiss_file.read_bytes())
+    raw[-5] ^= 0xFF
+    faiss_file.write_bytes(bytes(raw))
+
+    again = HashingEmbedder(64)
+    svc2 = SearchService(engine, data, embedder=again, settings=SETTINGS)
+    svc2.start()
+    assert svc2.wait_ready(10)
+    assert again.texts_embedded == 10  # that cube was rebuilt from the engine
+    assert _texts(svc2.search(["notes"], "penguin3", k=1)) == ["fact 3 penguin3"]
+    svc2.close()
+    # A damaged manifest means a full rebuild too.
+    (data / "index" / "MANIFEST").write_bytes(b"garbage")
+    third = HashingEmbedder(64)
+    svc3 = SearchService(engine, data, embedder=third, settings=SETTINGS)
+    svc3.start()
+    assert svc3.wait_ready(10)
+    assert third.texts_embedded == 10
+    svc3.close()
+
+
+def test_cube_switches_to_hnsw_inside_the_service(engine: Engine, tmp_path: Path) -> None:
+    settings = IndexSettings(snapshot_interval_s=0, hnsw_threshold=50, hnsw_background=False)
+    svc = SearchService(engine, tmp_path / "data", embedder=HashingEmbedder(64), settings=settings)
+    svc.start()
+    engine.create_cube("big", owner="uid:1", config=svc.cube_config())
+    for i in range(80):
+        engine.add("big", f"entry {i} keyword{i}")
+    svc.wait_indexed(engine.applied_lsn, 10)
+    assert svc.status()["cubes"]["big"]["dense_kind"] == "hnsw"
+    assert _texts(svc.search(["big"], "keyword42", k=1, mode="dense")) == ["entry 42 keyword42"]
+    svc.close()
+
+
+def test_rrf_fusion_and_retrieval_context(engine: Engine, tmp_path: Path) -> None:
+    settings = IndexSettings(snapshot_interval_s=0, fusion="rrf")
+    svc = SearchService(engine, tmp_path / "data", embedder=HashingEmbedder(64), settings=settings)
+    svc.start()
+    engine.create_cube("chat", owner="uid:1", config=svc.cube_config())
+    engine.add("chat", "Yes, twice a week!", metadata={"context": "Do you still go climbing?"})
+    engine.add("chat", "I had pasta for dinner")
+    hits = svc.search(["chat"], "climbing", wait_for_lsn=engine.applied_lsn, explain=True)
+    assert hits[0].item.text == "Yes, twice a week!"  # found through its context only
+    assert {"rrf", "lexical", "lexical_rank"} <= set(hits[0].components)
+    svc.close()
+
+
+def test_search_before_start_or_after_close_is_unavailable(engine: Engine, tmp_path: Path) -> None:
+    svc = SearchService(engine, tmp_path / "data", embedder=HashingEmbedder(64), settings=SETTINGS)
+    engine.create_cube("c", owner="uid:1", config=svc.cube_config())
+    with pytest.raises(Unavailable):
+        svc.search(["c"], "x")
+    svc.start()
+    assert svc.wait_ready(10)
+    assert svc.search(["c"], "x") == []
+    svc.close()
+    svc.close()  # idempotent
+    with pytest.raises(Unavailable) as info:
+        svc.search(["c"], "x")
+    assert info.value.reason == "index_stopped"
+
+
+def test_filters_that_skip_many_candidates_return_no_duplicates(
+    engine: Engine, service: SearchService
+) -> None:
+    for i in range(30):
+        engine.add("notes", f"apple pie number {i}", tier="long" if i % 3 == 0 else "short")
+    lsn = engine.applied_lsn
+    hits = service.search(
+        ["notes"], "apple pie", k=8, wait_for_lsn=lsn, filters=SearchFilters(tiers=("long",))
+    )
+    ids = [h.item.id for h in hits]
+    assert len(ids) == 8
+    assert len(set(ids)) == 8
+    assert all(h.item.tier == "long" for h in hits)
+    boosted = service.search(
+        ["notes"], "nothing matches zzz", mode="lexical", boosts=Boosts(heat=1)
+    )
+    assert boosted == []
