@@ -317,6 +317,19 @@ def parse_time_us(text: str) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+def parse_payload(text: str | None) -> dict[str, Any] | None:
+    """``--payload``: a JSON object (or None when not given)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"--payload is not valid JSON: {exc}", reason="bad_arg") from None
+    if not isinstance(value, dict):
+        raise BadRequest("--payload must be a JSON object", reason="bad_arg")
+    return value
+
+
 def parse_meta(pairs: list[str]) -> dict[str, Any] | None:
     """``--meta k=v`` (string value) and ``--meta k:=JSON`` (typed value)."""
     if not pairs:
@@ -427,20 +440,41 @@ def whoami(
 def plugins(
     ctx: typer.Context, json_out: JsonOpt = False, socket: SocketOpt = None, token: TokenOpt = None
 ) -> None:
-    """Plugins loaded by the daemon (as reported in its status)."""
+    """Plugins the daemon found: name, version, status (loaded / failed / disabled), hooks."""
     with _session(ctx, json_out, socket, token) as s:
-        result = dict(jsonable(s.client.status()))
+        try:
+            result = dict(jsonable(s.client.call("plugins")))
+        except BadRequest as exc:
+            if exc.reason != "unknown_op":
+                raise
+            # An older daemon: no plugins op; its status may still carry the list.
+            status = dict(jsonable(s.client.status()))
+            result = {"plugins": status.get("plugins") or []}
         loaded = result.get("plugins")
-        if s.emit({"plugins": loaded if isinstance(loaded, list) else []}):
+        if s.emit(result):
             return
         if not isinstance(loaded, list):
             s.line("The daemon reports no plugin information (no plugin system in this version).")
             return
-        rows = [
-            [_field(p, "name", p), _field(p, "version"), _field(p, "status", "loaded")]
-            for p in loaded
-        ]
-        print_table(["NAME", "VERSION", "STATUS"], rows, s.out, empty="No plugins loaded.")
+        rows = []
+        for p in loaded:
+            state = str(_field(p, "status", "loaded"))
+            reason = _field(p, "reason")
+            rows.append(
+                [
+                    _field(p, "name", p),
+                    _field(p, "version"),
+                    f"{state}: {reason}" if reason else state,
+                    ", ".join(str(h) for h in _field(p, "hooks", []) or []),
+                ]
+            )
+        print_table(["NAME", "VERSION", "STATUS", "HOOKS"], rows, s.out, empty="No plugins.")
+        forms = result.get("forms")
+        if isinstance(forms, list) and forms:
+            s.line("forms: " + ", ".join(str(f) for f in forms))
+        policies = result.get("tier_policies")
+        if isinstance(policies, list) and policies:
+            s.line("tier policies: " + ", ".join(str(p) for p in policies))
 
 
 # --- cubes ----------------------------------------------------------------------------
@@ -754,6 +788,14 @@ def add(
         list[str] | None,
         typer.Option("--meta", "-m", help="Metadata KEY=VALUE (string) or KEY:=JSON (repeatable)."),
     ] = None,
+    form: Annotated[
+        str | None,
+        typer.Option("--form", help="Memory form (a plugin's, e.g. 'fact') [default: plaintext]."),
+    ] = None,
+    payload: Annotated[
+        str | None,
+        typer.Option("--payload", help="The form's payload as a JSON object."),
+    ] = None,
     json_out: JsonOpt = False,
     socket: SocketOpt = None,
     token: TokenOpt = None,
@@ -767,6 +809,8 @@ def add(
             source=source,
             session=session_id,
             metadata=parse_meta(meta or []),
+            form=form,
+            payload=parse_payload(payload),
         )
         if not s.emit(item):
             s.line(str(_field(item, "id")))
@@ -1018,6 +1062,35 @@ def checkpoint(
             print_kv(list(dict(jsonable(report)).items()), s.out)
 
 
+# --- plugin sub-commands ----------------------------------------------------------------
+
+
+def load_plugin_commands(target: typer.Typer = app) -> list[str]:
+    """Let allowed third-party plugins add sub-commands (``register_commands`` hook).
+
+    Uses the daemon's plugin settings (config file, environment).  Never
+    fatal: a plugin that fails is mentioned on stderr and memctl works without
+    it.  Built-in plugins add no commands, so they are not loaded here.
+    """
+    problems: list[str] = []
+    try:
+        from memosd.plugins.manager import PluginConfig, PluginManager  # noqa: PLC0415
+        from memosd.settings import load_settings  # noqa: PLC0415
+
+        config = PluginConfig.from_settings(load_settings().plugins)
+        manager = PluginManager(
+            PluginConfig(allow=config.allow, modules=config.modules), defaults=(), quiet=True
+        ).load()
+    except Exception as exc:  # settings or discovery broken: memctl still works
+        return [f"plugins not loaded: {exc}"]
+    # Plugins that fail to load are the daemon's to report (`memctl plugins`).
+    problems.extend(e.message for e in manager.register_commands(target))
+    return problems
+
+
 def main() -> None:
     """Console-script entry point (``memctl``)."""
+    if os.environ.get("MEMCTL_NO_PLUGINS") != "1":
+        for problem in load_plugin_commands():
+            sys.stderr.write(f"memctl: warning: {problem}\n")
     app()

@@ -19,13 +19,21 @@ Threads and processes:
   pipeline requests on it concurrently.  Use it as ``async with`` on anyio's
   asyncio backend (pyzmq has no trio support).
 
+Change feed: ``subscribe(cube=None)`` opens a DEALER connection of its own,
+sends the ``subscribe`` op (authenticated like any request) and yields the
+events the daemon pushes on it: only events of cubes the principal can read,
+plus ``gap`` (events were dropped because the reader fell behind) and a final
+``subscription_ended``.  The daemon's PUB socket is for its operator only.
+
 Items are :class:`memosd.memcube.model.MemoryItem` values (the same type the
 engine and plugins use); ``Item`` is an alias.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 import os
 import threading
 import time
@@ -37,13 +45,12 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import anyio
-import msgpack
 import zmq
 import zmq.asyncio
 
 from memosd.errors import BadRequest, Unavailable, error_from_wire
 from memosd.memcube.model import MemoryItem, Provenance, PurgeRecord, Usage
-from memosd.protocol import decode_response, encode_request
+from memosd.protocol import decode_event, decode_response, encode_request
 from memosd.settings import default_socket_path
 
 __all__ = [
@@ -84,7 +91,13 @@ class CubeInfo:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One change-feed message (ids only, never contents)."""
+    """One change-feed message (ids only, never contents).
+
+    Besides the engine's kinds (``item_written``, ``job_changed``, ...) a
+    subscription yields ``gap`` (``missed`` events were dropped because this
+    subscriber fell behind) and, last, ``subscription_ended`` (``reason``:
+    ``access_revoked`` or ``cube_dropped``).
+    """
 
     kind: str
     cube: str | None
@@ -92,6 +105,8 @@ class Event:
     version: int | None
     lsn: int
     operation: str | None = None
+    reason: str | None = None
+    missed: int | None = None
 
 
 # --- decoding ---------------------------------------------------------------------------
@@ -144,14 +159,23 @@ def _cube_from_wire(wire: Any) -> CubeInfo:
 def _event_from_wire(wire: Any) -> Event:
     if type(wire) is not dict:
         raise _bad("event")
-    return Event(
-        kind=str(wire.get("kind")),
-        cube=wire.get("cube"),
-        item_id=wire.get("item_id"),
-        version=wire.get("version"),
-        lsn=int(wire.get("lsn", 0)),
-        operation=wire.get("operation"),
-    )
+    try:
+        return Event(
+            kind=str(wire.get("kind")),
+            cube=wire.get("cube"),
+            item_id=wire.get("item_id"),
+            version=wire.get("version"),
+            lsn=int(wire.get("lsn") or 0),
+            operation=wire.get("operation"),
+            reason=wire.get("reason"),
+            missed=wire.get("missed"),
+        )
+    except (TypeError, ValueError):
+        raise _bad("event") from None
+
+
+_KEEPALIVE: Final = "keepalive"
+_ENDED: Final = "subscription_ended"
 
 
 def _items(wire: Any) -> list[Item]:
@@ -621,58 +645,97 @@ class Client(_Base):
 
     # --- change feed ---
     def subscribe(self, cube: str | None = None) -> Subscription:
-        """Change events of ``cube`` (all cubes when None); iterate the result."""
-        events = self.ping().get("events")
-        if not isinstance(events, str):
-            raise Unavailable("the daemon publishes no change feed", reason="no_events")
-        return Subscription(self._ctx, events, cube)
+        """Change events of ``cube`` (every cube you can read when None); iterate the result.
+
+        The subscription has its own connection; ``NotFound`` if ``cube`` does
+        not exist or you have no access to it.
+        """
+        if self._closed:
+            raise Unavailable("this client is closed", reason="closed")
+        if os.getpid() != self._pid:
+            self._after_fork()
+        if not self.socket_path.exists():
+            raise self._not_running()
+        with self._lock:
+            sock = _dealer(self._ctx, self.endpoint)
+        sub = Subscription(self, sock, cube)
+        try:
+            sub._start()
+        except BaseException:
+            sub.close()
+            raise
+        return sub
 
 
 class Subscription:
-    """Iterator of :class:`Event`; ``next_event(timeout)`` for bounded waits."""
+    """Iterator of :class:`Event`; ``next_event(timeout)`` for bounded waits.
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, cube: str | None) -> None:
+    Iteration stops after the final ``subscription_ended`` event.  Not
+    thread-safe: one thread reads a subscription.
+    """
+
+    def __init__(self, client: Client, sock: zmq.Socket[Any], cube: str | None) -> None:
         self.cube = cube
-        self._topic = cube.encode() if cube is not None else None
-        self._sock = ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SUBSCRIBE, self._topic or b"")
-        self._sock.connect(endpoint)
+        self.ended = False
+        self._client = client
+        self._sock = sock
+        self._rid = next(client._ids)
+
+    def _start(self) -> None:
+        client = self._client
+        message = encode_request(self._rid, "subscribe", {"cube": self.cube}, token=client.token)
+        self._sock.send_multipart(message)
+        deadline = time.monotonic() + client.timeout
+        while True:
+            wait_ms = int((deadline - time.monotonic()) * 1000)
+            if wait_ms <= 0 or not self._sock.poll(wait_ms, zmq.POLLIN):
+                raise client._timeout_error("subscribe", client.timeout)
+            reply = self._sock.recv_multipart()
+            if decode_event(reply) is not None:
+                continue
+            got, ok, payload = decode_response(reply)
+            if got == self._rid or got is None:
+                client._result(ok, payload)
+                return
 
     def next_event(self, timeout: float | None = None) -> Event | None:
-        """The next event, or None if none came within ``timeout`` seconds."""
+        """The next event, or None if none came within ``timeout`` seconds (or it ended)."""
+        if self.ended:
+            return None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             if not self._sock.poll(wait_ms, zmq.POLLIN):
                 return None
-            topic, *rest = self._sock.recv_multipart()
-            if self._topic is not None and topic != self._topic:
-                continue  # ZeroMQ matches prefixes; "a" would also get "ab"
-            if rest:
-                return _event_from_wire(_unpack_event(rest[0]))
+            wire = decode_event(self._sock.recv_multipart())
+            if wire is None or wire.get("kind") == _KEEPALIVE:
+                continue  # a late response, or the daemon checking we are alive
+            event = _event_from_wire(wire)
+            if event.kind == _ENDED:
+                self.ended = True
+            return event
 
     def __iter__(self) -> Iterator[Event]:
-        while True:
+        while not self.ended:
             event = self.next_event()
             if event is not None:
                 yield event
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        """Stop the subscription (the daemon forgets it when the connection goes)."""
+        if not self._sock.closed:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send_multipart(
+                    encode_request(next(self._client._ids), "unsubscribe", {}),
+                    flags=zmq.DONTWAIT,
+                )
+            self._sock.close(linger=0)
 
     def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _unpack_event(data: bytes) -> Any:
-    try:
-        return msgpack.unpackb(data, raw=False)
-    except Exception:
-        raise _bad("event") from None
 
 
 # --- the async client ---------------------------------------------------------------------
@@ -969,32 +1032,85 @@ class AsyncClient(_Base):
         return _cube_from_wire(await self.call("import_cube", args, frames=[bytes(data)]))
 
     async def subscribe(self, cube: str | None = None) -> AsyncSubscription:
-        events = (await self.ping()).get("events")
-        if not isinstance(events, str) or self._ctx is None:
-            raise Unavailable("the daemon publishes no change feed", reason="no_events")
-        return AsyncSubscription(self._ctx, events, cube)
+        """Change events of ``cube`` (every cube you can read when None), on its own connection."""
+        if self._ctx is None:
+            raise Unavailable("use `async with AsyncClient(...)`", reason="closed")
+        if not self.socket_path.exists():
+            raise self._not_running()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.connect(self.endpoint)
+        sub = AsyncSubscription(self, sock, cube)
+        try:
+            await sub._start()
+        except BaseException:
+            sub.close()
+            raise
+        return sub
 
 
 class AsyncSubscription:
-    """Async iterator of :class:`Event`."""
+    """Async iterator of :class:`Event` (stops after ``subscription_ended``)."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, cube: str | None) -> None:
-        self._topic = cube.encode() if cube is not None else None
-        self._sock = ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SUBSCRIBE, self._topic or b"")
-        self._sock.connect(endpoint)
+    def __init__(self, client: AsyncClient, sock: zmq.asyncio.Socket, cube: str | None) -> None:
+        self.cube = cube
+        self.ended = False
+        self._client = client
+        self._sock = sock
+        self._rid = next(client._ids)
+
+    async def _start(self) -> None:
+        client = self._client
+        message = encode_request(self._rid, "subscribe", {"cube": self.cube}, token=client.token)
+        with anyio.move_on_after(client.timeout):
+            await self._sock.send_multipart(message)
+            while True:
+                reply = await self._sock.recv_multipart()
+                if decode_event(reply) is not None:
+                    continue
+                got, ok, payload = decode_response(reply)
+                if got == self._rid or got is None:
+                    client._result(ok, payload)
+                    return
+        raise client._timeout_error("subscribe", client.timeout)
+
+    async def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None if none came within ``timeout`` seconds (or it ended)."""
+        if self.ended:
+            return None
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
+            while True:
+                wire = decode_event(await self._sock.recv_multipart())
+                if wire is None or wire.get("kind") == _KEEPALIVE:
+                    continue
+                event = _event_from_wire(wire)
+                if event.kind == _ENDED:
+                    self.ended = True
+                return event
+        return None
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[Event]:
-        while True:
-            topic, *rest = await self._sock.recv_multipart()
-            if self._topic is not None and topic != self._topic:
-                continue
-            if rest:
-                yield _event_from_wire(_unpack_event(rest[0]))
+        while not self.ended:
+            event = await self.next_event()
+            if event is not None:
+                yield event
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+
+    async def __aenter__(self) -> AsyncSubscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __enter__(self) -> AsyncSubscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -9,6 +9,10 @@ Request header::
 
     {"v": PROTOCOL_VERSION, "id": int, "op": str, "args": map, "token": str?}
 
+Event (pushed to a ``subscribe``d connection; no ``id``, no ``ok``)::
+
+    {"v": PROTOCOL_VERSION, "event": {"kind": str, ...}}
+
 Response header::
 
     {"v": PROTOCOL_VERSION, "id": int | nil, "ok": true,  "result": any}
@@ -40,10 +44,12 @@ __all__ = [
     "Limits",
     "Reply",
     "Request",
+    "decode_event",
     "decode_request",
     "decode_response",
     "encode_error",
     "encode_event",
+    "encode_event_message",
     "encode_request",
     "encode_response",
     "item_to_wire",
@@ -365,3 +371,26 @@ def encode_event(event: Any) -> list[bytes]:
     cube = payload.get("cube") if isinstance(payload, dict) else None
     topic = cube.encode() if isinstance(cube, str) else b""
     return [topic, msgpack.packb(payload, use_bin_type=True)]
+
+
+def encode_event_message(event: Mapping[str, Any]) -> bytes:
+    """A subscription's pushed event: one frame ``{"v", "event": {...}}``.
+
+    It has no ``id`` and no ``ok``, so it cannot be mistaken for a response.
+    """
+    data: bytes = msgpack.packb({"v": PROTOCOL_VERSION, "event": dict(event)}, use_bin_type=True)
+    return data
+
+
+def decode_event(message: Sequence[bytes]) -> dict[str, Any] | None:
+    """Client side: the event map of a pushed event message, or None for a response."""
+    if not message:
+        return None
+    try:
+        header = msgpack.unpackb(message[0], raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    if type(header) is not dict or "ok" in header:
+        return None
+    event = header.get("event")
+    return event if type(event) is dict else None

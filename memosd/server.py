@@ -1,4 +1,4 @@
-"""The ZeroMQ edge of the daemon: a ROUTER for requests, a PUB for the change feed.
+"""The ZeroMQ edge of the daemon: a ROUTER for requests and feeds, a PUB for admins.
 
 anyio on its asyncio backend.  The sockets are plain (non-blocking) pyzmq
 sockets driven from the event loop thread: the receive loop drains every
@@ -9,9 +9,18 @@ that edge, so after each send the loop is woken if input is pending.  This avoid
 per message (zmq.asyncio) and keeps a ``get`` close to a bare echo.
 
 Cheap reads (``get``, ``history``, cube lookups, ``ping``) run inline in the
-receive loop; other ops run as tasks that wait for engine worker threads.
-The engine's change listener (called from the writer thread) hands events to
-the loop with ``loop.call_soon_threadsafe``.
+receive loop.  Writes are checked inline and submitted with
+``engine.atomic_future`` (no task, no thread): the engine's commit thread
+completes the futures of a whole group commit, the completions are handed to
+the loop in one ``call_soon_threadsafe`` per burst, and their replies go out
+back to back without an await per message.  Other ops run as tasks that wait
+for engine worker threads.  The engine's change listener (called from the
+writer thread) hands events to the loop the same way.
+
+Change feed: ``subscribe`` on the request socket registers the connection
+with :class:`~memosd.feed.Feed`, which pushes each event the principal may
+read (docs/protocol.md, "Change feed").  The PUB socket (``events.sock``,
+mode 0600) is only the operator's unfiltered firehose.
 
 Edge behaviour (docs/protocol.md, "Limits"):
 
@@ -36,9 +45,11 @@ import asyncio
 import collections
 import contextlib
 import errno
+import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +61,17 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from memosd.auth import Peer, parse_peer_address
 from memosd.errors import InternalError, MemosError, Unavailable
+from memosd.feed import Feed, SendStatus
 from memosd.protocol import (
     Limits,
+    Reply,
     Request,
     decode_request,
     encode_error,
     encode_event,
     encode_response,
 )
-from memosd.service import Service
+from memosd.service import Service, Write
 from memosd.settings import ServerSettings
 
 __all__ = ["Server", "ipc_endpoint"]
@@ -67,6 +80,12 @@ _log = structlog.get_logger("memosd.server")
 _BACKLOG = 1024
 _BURST = 64  # messages handled before the receive loop yields to other tasks
 SOCKET_FILE_MODE = 0o660
+ADMIN_SOCKET_FILE_MODE = 0o600  # the PUB firehose: the daemon's user (and root) only
+_FEED_TICK_S = 0.25  # retry of queued feed events
+
+
+# A write in flight: envelope, request, its Write, the engine's future, start time, peer.
+_WriteEntry = tuple[list[Any], Request, Write, "Future[Any]", float, "Peer | None"]
 
 
 def ipc_endpoint(path: Path) -> str:
@@ -74,7 +93,7 @@ def ipc_endpoint(path: Path) -> str:
 
 
 class Server:
-    """Serve ``service`` on a ROUTER socket; publish change events on a PUB socket."""
+    """Serve ``service`` on a ROUTER socket; push feeds; publish all events on a PUB socket."""
 
     def __init__(
         self,
@@ -109,7 +128,13 @@ class Server:
         self._receive_scope: anyio.CancelScope | None = None
         self._handlers_scope: anyio.CancelScope | None = None
         self._dropped_replies = 0
+        # Write completions from the engine's commit thread, drained on the loop.
+        self._completions: collections.deque[_WriteEntry] = collections.deque()
+        self._completions_scheduled = False
+        self.feed = Feed(service, self._send_event, queue_max=settings.subscriber_queue)
+        self._feed_scope: anyio.CancelScope | None = None
         service.inflight = lambda: self._inflight
+        service.subscribers = lambda: len(self.feed)
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -143,9 +168,16 @@ class Server:
         if s.heartbeat_ivl_ms > 0:
             pub.setsockopt(zmq.HEARTBEAT_IVL, s.heartbeat_ivl_ms)
             pub.setsockopt(zmq.HEARTBEAT_TIMEOUT, s.heartbeat_timeout_ms)
-        pub.bind(ipc_endpoint(self.events_path))
+        # Only the daemon's user (and root) may connect: the PUB socket cannot
+        # filter by principal.  Create it under a 0077 umask so it is never
+        # connectable by others, not even between bind and chmod.
+        old_umask = os.umask(0o077)
+        try:
+            pub.bind(ipc_endpoint(self.events_path))
+        finally:
+            os.umask(old_umask)
         self._bound.append(self.events_path)
-        os.chmod(self.events_path, SOCKET_FILE_MODE)
+        os.chmod(self.events_path, ADMIN_SOCKET_FILE_MODE)
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind (unless :meth:`bind` was called), receive until :meth:`stop_accepting`."""
@@ -154,6 +186,7 @@ class Server:
         try:
             async with anyio.create_task_group() as tg:
                 self._handlers_scope = tg.cancel_scope
+                tg.start_soon(self._feed_ticker)
                 task_status.started()
                 with anyio.CancelScope() as scope:
                     self._receive_scope = scope
@@ -168,6 +201,8 @@ class Server:
         self._accepting = False
         if self._receive_scope is not None:
             self._receive_scope.cancel()
+        if self._feed_scope is not None:
+            self._feed_scope.cancel()
         self._wake_receiver()
 
     async def drain(self, timeout_s: float) -> bool:
@@ -266,13 +301,127 @@ class Server:
             _log.debug("bad request", code=err.code, reason=err.reason, pid=peer and peer.pid)
             self._send([*envelope, *encode_error(rid if type(rid) is int else None, err)])
             return
-        if self.service.is_inline(request.op):
+        kind = self.service.kind(request.op)
+        if kind == "inline":
             self._send([*envelope, *self._answer_inline(request, peer)])
-            return
+        elif kind == "write":
+            self._start_write(envelope, request, peer)
+        elif kind == "feed":
+            self._answer_feed(envelope, request, peer)
+        else:
+            self._begin()
+            tg.start_soon(self._handle, envelope, request, peer)
+
+    def _begin(self) -> None:
         self._inflight += 1
         if self._inflight == 1:
             self._idle = anyio.Event()
-        tg.start_soon(self._handle, envelope, request, peer)
+
+    def _end(self, n: int = 1) -> None:
+        self._inflight -= n
+        self._slot_free.set()
+        if self._inflight == 0:
+            self._idle.set()
+
+    # --- writes: submitted inline, answered from the commit's completions ------------
+
+    def _start_write(self, envelope: list[Any], request: Request, peer: Peer | None) -> None:
+        try:
+            future, write = self.service.start_write(request, peer)
+        except MemosError as err:
+            self._send([*envelope, *encode_error(request.id, err)])
+            return
+        except Exception:
+            self._send([*envelope, *self._internal_error(request)])
+            return
+        self._begin()
+        entry = (envelope, request, write, future, time.perf_counter(), peer)
+        future.add_done_callback(lambda _: self._write_done_threadsafe(entry))
+
+    def _write_done_threadsafe(self, entry: _WriteEntry) -> None:
+        """Commit thread: queue a finished write; wake the loop once per burst."""
+        self._completions.append(entry)
+        if not self._completions_scheduled:
+            self._completions_scheduled = True
+            loop = self._loop
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):  # loop closed: shutting down
+                    loop.call_soon_threadsafe(self._drain_completions)
+
+    def _drain_completions(self) -> None:
+        """Answer every finished write back to back (no await between replies)."""
+        self._completions_scheduled = False  # first: a later append schedules a new drain
+        done = 0
+        completions = self._completions
+        debug = _log.bind().is_enabled_for(logging.DEBUG)  # once per burst, not per reply
+        while completions:
+            envelope, request, write, future, started, peer = completions.popleft()
+            try:
+                out = encode_response(request.id, self.service.finish_write(write, future))
+            except MemosError as err:
+                out = encode_error(request.id, err)
+            except Exception:
+                out = self._internal_error(request)
+            self._send([*envelope, *out], check_input=False)
+            done += 1
+            if debug:
+                ms = round((time.perf_counter() - started) * 1000, 3)
+                _log.debug("request", op=request.op, ms=ms, pid=peer and peer.pid)
+        if done:
+            self._end(done)
+            self._check_input()
+
+    # --- the change feed over the request socket ------------------------------------
+
+    def _answer_feed(self, envelope: list[Any], request: Request, peer: Peer | None) -> None:
+        try:
+            identity, result = self.service.handle_feed(request, peer)
+        except MemosError as err:
+            self._send([*envelope, *encode_error(request.id, err)])
+            return
+        except Exception:
+            self._send([*envelope, *self._internal_error(request)])
+            return
+        routing = [bytes(f.bytes) if isinstance(f, zmq.Frame) else bytes(f) for f in envelope]
+        if request.op == "subscribe":
+            # The reply goes first: the client starts reading events after it.
+            self._send([*envelope, *encode_response(request.id, Reply(result))])
+            self.feed.subscribe(routing, identity, peer, request.token, result.get("cube"))
+        else:
+            found = self.feed.unsubscribe(routing[0])
+            self._send([*envelope, *encode_response(request.id, Reply({"unsubscribed": found}))])
+
+    def _send_event(self, frames: list[Any]) -> SendStatus:
+        router = self._router
+        if router is None:
+            return SendStatus.GONE
+        try:
+            router.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            return SendStatus.FULL
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                _log.debug("feed event not sent", error=str(exc))
+            return SendStatus.GONE
+        return SendStatus.SENT
+
+    async def _feed_ticker(self) -> None:
+        hb = self.settings.heartbeat_ivl_ms
+        keepalive_s = hb / 1000 if hb > 0 else 5.0
+        last_keepalive = time.monotonic()
+        with anyio.CancelScope() as scope:
+            self._feed_scope = scope
+            if not self._accepting:
+                return
+            while True:
+                await anyio.sleep(_FEED_TICK_S)
+                now = time.monotonic()
+                keepalive = now - last_keepalive >= keepalive_s
+                if keepalive:
+                    last_keepalive = now
+                if len(self.feed):
+                    self.feed.tick(keepalive=keepalive)
+                    self._check_input()
 
     def _answer_inline(self, request: Request, peer: Peer | None) -> list[bytes]:
         try:
@@ -311,12 +460,15 @@ class Server:
                 pid=peer and peer.pid,
             )
         finally:
-            self._inflight -= 1
-            self._slot_free.set()
-            if self._inflight == 0:
-                self._idle.set()
+            self._end()
 
-    def _send(self, frames: list[Any]) -> None:
+    def _check_input(self) -> None:
+        router = self._router
+        # Sending may have consumed the ZMQ_FD edge that announces new input.
+        if router is not None and self._input is not None and _pollin(router):
+            self._wake_receiver()
+
+    def _send(self, frames: list[Any], *, check_input: bool = True) -> None:
         router = self._router
         if router is None:
             return
@@ -332,14 +484,13 @@ class Server:
                 pass  # closing
             else:
                 _log.warning("reply dropped", error=str(exc))
-        # Sending may have consumed the ZMQ_FD edge that announces new input.
-        if self._input is not None and _pollin(router):
-            self._wake_receiver()
+        if check_input:
+            self._check_input()
 
     # --- change feed --------------------------------------------------------------
 
     def publish_threadsafe(self, event: Any) -> None:
-        """Engine listener: queue ``event`` for the PUB socket (any thread; never raises).
+        """Engine listener: queue ``event`` for subscribers and the PUB socket (any thread).
 
         Called in the engine's writer thread, so it only appends to a deque and
         wakes the loop once per burst of events, not once per event.
@@ -357,9 +508,15 @@ class Server:
         self._events_scheduled = False  # first: a later append schedules a new drain
         while self._events:
             self._publish(self._events.popleft())
+        if len(self.feed):
+            self._check_input()
 
     def _publish(self, event: Any) -> None:
         self.service.on_change(getattr(event, "kind", ""))
+        try:
+            self.feed.publish(event)
+        except Exception:
+            _log.exception("change feed delivery failed")
         pub = self._pub
         if pub is None:
             return

@@ -7,11 +7,21 @@ arguments with :class:`Args` (wrong types and unknown fields are BadRequest
 naming the field), checks access through :mod:`memosd.auth`, then calls the
 engine.
 
-Engine calls that may wait for the disk (every write, scans, checkpoints) run
-in a pool of worker threads (``thread_limit``); point reads (``get``,
-``history``, cube and ACL lookups) run inline on the event loop because they
-are LMDB read transactions of a few microseconds that never take the writer
-lock, and a thread hop would cost more than the read.
+Ops come in four kinds (:class:`OpSpec`):
+
+* ``inline``: point reads (``get``, ``history``, cube and ACL lookups) run on
+  the event loop, because they are LMDB read transactions of a few
+  microseconds that never take the writer lock; a thread hop would cost more.
+* ``write``: the handler parses its arguments and checks access inline (ACL
+  state is cached) and returns a :class:`Write`: a plan for
+  ``engine.atomic_future`` that runs inside the engine's group-commit batch,
+  plus how to turn its result into the reply.  No thread hop: many writes in
+  flight, from one client or many, land in the same commit batch.
+* ``task``: coroutines for engine calls that may wait for the disk or scan
+  (search, list, checkpoints, export/import); they run in a pool of worker
+  threads (``thread_limit``).
+* ``feed``: ``subscribe``/``unsubscribe``; the server keeps the subscription
+  (it needs the connection), the service only checks arguments and access.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -40,7 +50,7 @@ from memosd.auth import (
     validate_principal,
 )
 from memosd.errors import BadRequest, InternalError, NotFound, Unavailable
-from memosd.memcube.model import CubeConfig, validate_cube_config
+from memosd.memcube.model import CubeConfig, validate_cube_config, validate_cube_name
 from memosd.portable import dump_cube, load_cube
 from memosd.protocol import FRAME_KEY, PROTOCOL_VERSION, Reply, Request, item_to_wire, to_wire
 
@@ -52,15 +62,36 @@ Handler = Callable[["Service", "Call"], Any]  # returns the result, or an awaita
 
 @dataclass(frozen=True, slots=True)
 class OpSpec:
-    """One op: its handler, and whether it runs inline on the event loop.
+    """One op: its handler and its kind (``inline``, ``write``, ``task``, ``feed``).
 
     Inline handlers are plain functions doing only microsecond LMDB reads;
     the server runs them straight from its receive loop (no task, no
-    thread).  The others are coroutines that may wait for worker threads.
+    thread).  Write handlers are plain functions returning a :class:`Write`
+    (the server submits it and replies when the commit resolves).  Task
+    handlers are coroutines that may wait for worker threads.  Feed handlers
+    validate a subscription request and return its filter.
     """
 
     handler: Handler
-    inline: bool
+    kind: str = "task"
+
+    @property
+    def inline(self) -> bool:
+        return self.kind == "inline"
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """What a write handler returns: run ``plan(planner)`` in a commit batch.
+
+    ``finish`` turns the plan's result into the reply's result (on the event
+    loop, after the commit).  ``acl_change``: the write may change cubes,
+    grants or tokens, so the ACL cache is dropped before the reply is sent.
+    """
+
+    plan: Callable[[Any], Any]
+    finish: Callable[[Any], Any]
+    acl_change: bool = False
 
 
 OPS: dict[str, OpSpec] = {}
@@ -73,9 +104,13 @@ MAX_LIST_LIMIT: Final = 1000
 _TOKEN_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
-def op(name: str, *, inline: bool = False) -> Callable[[Handler], Handler]:
+def op(
+    name: str, *, inline: bool = False, write: bool = False, feed: bool = False
+) -> Callable[[Handler], Handler]:
+    kind = "inline" if inline else "write" if write else "feed" if feed else "task"
+
     def register(fn: Handler) -> Handler:
-        OPS[name] = OpSpec(fn, inline)
+        OPS[name] = OpSpec(fn, kind)
         return fn
 
     return register
@@ -263,10 +298,13 @@ class Service:
         self.started = now()
         self._now = now
         self.inflight: Callable[[], int] = lambda: 0
+        self.subscribers: Callable[[], int] = lambda: 0  # set by the server
         # name -> (cube, grants); token hash -> record.  Filled on reads, cleared
         # whenever ACL state may change (see invalidate_acl).
         self._acl_cache: dict[str, tuple[Any, dict[str, str]]] = {}
         self._token_cache: dict[bytes, Any] = {}
+        # (peer, token) -> Identity: resolving costs more than a cached read.
+        self._identity_cache: dict[tuple[Peer | None, str | None], Identity] = {}
 
     def _spec(self, request: Request) -> OpSpec:
         spec = OPS.get(request.op)
@@ -275,12 +313,22 @@ class Service:
         return spec
 
     def _call(self, request: Request, peer: Peer | None) -> Call:
-        identity = resolve_identity(peer, request.token, self, self.admin_uids)
+        key = (peer, request.token)
+        identity = self._identity_cache.get(key)
+        if identity is None:
+            identity = resolve_identity(peer, request.token, self, self.admin_uids)
+            if len(self._identity_cache) >= _CACHE_MAX:
+                self._identity_cache.clear()
+            self._identity_cache[key] = identity
         return Call(request, identity, Args(request.op, request.args))
 
-    def is_inline(self, op_name: str) -> bool:
+    def kind(self, op_name: str) -> str:
+        """How the server runs ``op_name``: inline, write, task or feed."""
         spec = OPS.get(op_name)
-        return spec is None or spec.inline  # unknown ops fail fast, inline
+        return "inline" if spec is None else spec.kind  # unknown ops fail fast, inline
+
+    def is_inline(self, op_name: str) -> bool:
+        return self.kind(op_name) == "inline"
 
     def handle_inline(self, request: Request, peer: Peer | None) -> Reply:
         """Run an inline op synchronously (the server calls this from its loop)."""
@@ -290,8 +338,63 @@ class Service:
         result = spec.handler(self, self._call(request, peer))
         return result if isinstance(result, Reply) else Reply(result)
 
-    async def handle(self, request: Request, peer: Peer | None) -> Reply:
+    def start_write(self, request: Request, peer: Peer | None) -> tuple[Future[Any], Write]:
+        """Check and submit a write op (event loop thread; never blocks).
+
+        Raises the request's error (bad arguments, access, unhealthy engine)
+        before anything is submitted.  The caller turns the future's outcome
+        into the reply with :meth:`finish_write`.
+        """
         spec = self._spec(request)
+        if spec.kind != "write":
+            raise InternalError(f"{request.op} is not a write op")
+        write: Write = spec.handler(self, self._call(request, peer))
+        return self.engine.atomic_future(write.plan), write
+
+    def finish_write(self, write: Write, future: Future[Any]) -> Reply:
+        """The reply of a resolved write (raises its error); event loop thread."""
+        try:
+            result = future.result()
+        finally:
+            if write.acl_change:
+                self.invalidate_acl()
+        out = write.finish(result)
+        return out if isinstance(out, Reply) else Reply(out)
+
+    def handle_feed(self, request: Request, peer: Peer | None) -> tuple[Identity, Any]:
+        """Validate ``subscribe``/``unsubscribe``: the identity and the handler's result."""
+        spec = self._spec(request)
+        if spec.kind != "feed":
+            raise InternalError(f"{request.op} is not a feed op")
+        call = self._call(request, peer)
+        return call.identity, spec.handler(self, call)
+
+    def identity(self, peer: Peer | None, token: str | None) -> Identity:
+        """Resolve a principal again (the feed re-checks subscribers after token changes)."""
+        return resolve_identity(peer, token, self, self.admin_uids)
+
+    def can_read(self, identity: Identity, cube: str) -> bool:
+        """Whether ``identity`` may read ``cube`` (any level is at least read)."""
+        return self.level(identity, cube)[1] is not None
+
+    async def handle(self, request: Request, peer: Peer | None) -> Reply:
+        """Run any op to completion (tests and tools; the server dispatches by kind)."""
+        spec = self._spec(request)
+        if spec.kind == "write":
+            future, write = self.start_write(request, peer)
+            # shield: a cancelled wait must not cancel the engine's future.
+            try:
+                await asyncio.shield(asyncio.wrap_future(future))
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                pass  # finish_write raises the write's own error
+            return self.finish_write(write, future)
+        if spec.kind == "feed":
+            raise BadRequest(
+                f"{request.op} needs a connection; send it to the daemon's socket",
+                reason="bad_op",
+            )
         result = spec.handler(self, self._call(request, peer))
         if not spec.inline:
             result = await result
@@ -303,6 +406,7 @@ class Service:
         """Forget cached cubes, grants and tokens (after any op that may change them)."""
         self._acl_cache.clear()
         self._token_cache.clear()
+        self._identity_cache.clear()
 
     def on_change(self, kind: str) -> None:
         """Change-feed hook (event loop thread): ACL-relevant events clear the cache."""
@@ -397,7 +501,8 @@ def _ping(svc: Service, call: Call) -> Any:
         "pong": True,
         "protocol": PROTOCOL_VERSION,
         "version": __version__,
-        "events": svc.events_endpoint,
+        # The PUB socket is the operator's firehose (mode 0600): admins only.
+        "events": svc.events_endpoint if call.identity.admin else None,
     }
 
 
@@ -428,6 +533,7 @@ async def _status(svc: Service, call: Call) -> Any:
     }
     if call.identity.admin:
         result["inflight"] = svc.inflight()
+        result["subscribers"] = svc.subscribers()
         result["engine"] = to_wire(await svc.run(svc.engine.status))
     return result
 
@@ -454,8 +560,8 @@ def _cube_config(raw: dict[str, Any] | None) -> Any:
         ) from None
 
 
-@op("create_cube")
-async def _create_cube(svc: Service, call: Call) -> Any:
+@op("create_cube", write=True)
+def _create_cube(svc: Service, call: Call) -> Write:
     a = call.args
     name = a.req_str("name")
     config = _cube_config(a.opt_map("config"))
@@ -466,13 +572,16 @@ async def _create_cube(svc: Service, call: Call) -> Any:
         if owner != call.identity.principal:
             require_admin(call.identity, "create_cube for another owner")
     svc.require_writable()
-    cube = await svc.run_acl_change(
-        svc.engine.create_cube,
-        name,
-        owner=owner or call.identity.principal,
-        config=config,
-        actor=call.identity.principal,
+    validate_cube_name(name)
+    owner = owner or call.identity.principal
+    return Write(
+        lambda p: p.create_cube(name, owner=owner, config=config),
+        _owned_cube_wire,
+        acl_change=True,
     )
+
+
+def _owned_cube_wire(cube: Any) -> dict[str, Any]:
     return _cube_wire(cube, "owner")
 
 
@@ -505,18 +614,21 @@ def _get_cube(svc: Service, call: Call) -> Any:
     return wire
 
 
-@op("drop_cube")
-async def _drop_cube(svc: Service, call: Call) -> Any:
+@op("drop_cube", write=True)
+def _drop_cube(svc: Service, call: Call) -> Write:
     name = call.args.req_str("name")
     call.args.done()
     svc.require(call.identity, name, "owner")
     svc.require_writable()
-    erased = await svc.run_acl_change(svc.engine.drop_cube, name, actor=call.identity.principal)
-    return {"name": name, "erased": erased}
+    return Write(
+        lambda p: p.drop_cube(name),
+        lambda erased: {"name": name, "erased": erased},
+        acl_change=True,
+    )
 
 
-@op("grant")
-async def _grant(svc: Service, call: Call) -> Any:
+@op("grant", write=True)
+def _grant(svc: Service, call: Call) -> Write:
     a = call.args
     cube = a.req_str("cube")
     principal = validate_principal(a.req_str("principal"))
@@ -526,31 +638,33 @@ async def _grant(svc: Service, call: Call) -> Any:
         raise BadRequest("grant: level must be 'read' or 'write'", reason="bad_arg", field="level")
     svc.require(call.identity, cube, "owner")
     svc.require_writable()
-    await svc.run_acl_change(
-        svc.engine.set_grant, cube, principal, level, actor=call.identity.principal
+    return Write(
+        lambda p: p.set_grant(cube, principal, level),
+        lambda _: {"cube": cube, "principal": principal, "level": level},
+        acl_change=True,
     )
-    return {"cube": cube, "principal": principal, "level": level}
 
 
-@op("revoke")
-async def _revoke(svc: Service, call: Call) -> Any:
+@op("revoke", write=True)
+def _revoke(svc: Service, call: Call) -> Write:
     a = call.args
     cube = a.req_str("cube")
     principal = validate_principal(a.req_str("principal"))
     a.done()
     svc.require(call.identity, cube, "owner")
     svc.require_writable()
-    await svc.run_acl_change(
-        svc.engine.set_grant, cube, principal, None, actor=call.identity.principal
+    return Write(
+        lambda p: p.set_grant(cube, principal, None),
+        lambda _: {"cube": cube, "principal": principal, "level": None},
+        acl_change=True,
     )
-    return {"cube": cube, "principal": principal, "level": None}
 
 
 # --- ops: tokens ----------------------------------------------------------------
 
 
-@op("token_create")
-async def _token_create(svc: Service, call: Call) -> Any:
+@op("token_create", write=True)
+def _token_create(svc: Service, call: Call) -> Write:
     a = call.args
     name = a.req_str("name")
     principal = a.opt_str("principal")
@@ -565,14 +679,13 @@ async def _token_create(svc: Service, call: Call) -> Any:
     principal = validate_principal(principal) if principal is not None else f"token:{name}"
     svc.require_writable()
     secret = new_token_secret()
-    await svc.run_acl_change(
-        svc.engine.put_token,
-        name,
-        token_hash=hash_token(secret),
-        principal=principal,
-        actor=call.identity.principal,
+    token_hash = hash_token(secret)
+    as_principal = principal
+    return Write(
+        lambda p: p.put_token(name, token_hash=token_hash, principal=as_principal),
+        lambda _: {"name": name, "principal": as_principal, "token": secret},
+        acl_change=True,
     )
-    return {"name": name, "principal": principal, "token": secret}
 
 
 @op("token_list")
@@ -583,14 +696,13 @@ async def _token_list(svc: Service, call: Call) -> Any:
     return [{"name": r.name, "principal": r.principal, "created_us": r.created_us} for r in records]
 
 
-@op("token_revoke")
-async def _token_revoke(svc: Service, call: Call) -> Any:
+@op("token_revoke", write=True)
+def _token_revoke(svc: Service, call: Call) -> Write:
     name = call.args.req_str("name")
     call.args.done()
     require_admin(call.identity, "token_revoke")
     svc.require_writable()
-    await svc.run_acl_change(svc.engine.delete_token, name, actor=call.identity.principal)
-    return {"name": name}
+    return Write(lambda p: p.delete_token(name), lambda _: {"name": name}, acl_change=True)
 
 
 # --- ops: items -----------------------------------------------------------------
@@ -621,8 +733,8 @@ def _item_fields(a: Args, names: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-@op("add")
-async def _add(svc: Service, call: Call) -> Any:
+@op("add", write=True)
+def _add(svc: Service, call: Call) -> Write:
     a = call.args
     cube = a.req_str("cube")
     text = a.req_str("text")
@@ -635,16 +747,11 @@ async def _add(svc: Service, call: Call) -> Any:
     svc.require_writable()
     if form is not None:
         fields["form"] = form
-    item = await svc.run(
-        svc.engine.add,
-        cube,
-        text,
-        actor=call.identity.principal,
-        source=source,
-        session=session,
-        **fields,
+    actor = call.identity.principal
+    return Write(
+        lambda p: p.add(cube, text, actor=actor, source=source, session=session, **fields),
+        item_to_wire,
     )
-    return item_to_wire(item)
 
 
 @op("get", inline=True)
@@ -659,8 +766,8 @@ def _get(svc: Service, call: Call) -> Any:
     return item_to_wire(svc.engine.get(cube, item_id, version=version, as_of_us=as_of))
 
 
-@op("update")
-async def _update(svc: Service, call: Call) -> Any:
+@op("update", write=True)
+def _update(svc: Service, call: Call) -> Write:
     a = call.args
     cube = a.req_str("cube")
     item_id = a.req_str("id")
@@ -671,15 +778,11 @@ async def _update(svc: Service, call: Call) -> Any:
         raise BadRequest("update: argument 'text' must be a string", reason="bad_arg", field="text")
     svc.require(call.identity, cube, "write")
     svc.require_writable()
-    item = await svc.run(
-        svc.engine.update,
-        cube,
-        item_id,
-        actor=call.identity.principal,
-        expected_version=expected,
-        **fields,
+    actor = call.identity.principal
+    return Write(
+        lambda p: p.update(cube, item_id, actor=actor, expected_version=expected, **fields),
+        item_to_wire,
     )
-    return item_to_wire(item)
 
 
 @op("history", inline=True)
@@ -692,8 +795,8 @@ def _history(svc: Service, call: Call) -> Any:
     return [item_to_wire(v) for v in svc.engine.history(cube, item_id)]
 
 
-@op("rollback")
-async def _rollback(svc: Service, call: Call) -> Any:
+@op("rollback", write=True)
+def _rollback(svc: Service, call: Call) -> Write:
     a = call.args
     cube = a.req_str("cube")
     item_id = a.req_str("id")
@@ -701,24 +804,24 @@ async def _rollback(svc: Service, call: Call) -> Any:
     a.done()
     svc.require(call.identity, cube, "write")
     svc.require_writable()
-    item = await svc.run(svc.engine.rollback, cube, item_id, version, actor=call.identity.principal)
-    return item_to_wire(item)
+    actor = call.identity.principal
+    return Write(lambda p: p.rollback(cube, item_id, version, actor=actor), item_to_wire)
 
 
-@op("delete")
-async def _delete(svc: Service, call: Call) -> Any:
+@op("delete", write=True)
+def _delete(svc: Service, call: Call) -> Write:
     a = call.args
     cube = a.req_str("cube")
     item_id = a.req_str("id")
     a.done()
     svc.require(call.identity, cube, "write")
     svc.require_writable()
-    item = await svc.run(svc.engine.delete, cube, item_id, actor=call.identity.principal)
-    return item_to_wire(item)
+    actor = call.identity.principal
+    return Write(lambda p: p.delete(cube, item_id, actor=actor), item_to_wire)
 
 
-@op("purge")
-async def _purge(svc: Service, call: Call) -> Any:
+@op("purge", write=True)
+def _purge(svc: Service, call: Call) -> Write:
     a = call.args
     cube = a.req_str("cube")
     item_id = a.req_str("id")
@@ -726,10 +829,8 @@ async def _purge(svc: Service, call: Call) -> Any:
     a.done()
     svc.require(call.identity, cube, "write")
     svc.require_writable()
-    record = await svc.run(
-        svc.engine.purge, cube, item_id, actor=call.identity.principal, reason=reason
-    )
-    return to_wire(record)
+    actor = call.identity.principal
+    return Write(lambda p: p.purge(cube, item_id, actor=actor, reason=reason), to_wire)
 
 
 _STATUSES: Final = ("active", "archived", "deleted", "all")
@@ -791,6 +892,25 @@ async def _search(svc: Service, call: Call) -> Any:
 
     hits = await svc.run(scan)
     return [{"item": item_to_wire(item), "score": score} for item, score in hits]
+
+
+# --- ops: the change feed (the server keeps the subscription) --------------------
+
+
+@op("subscribe", feed=True)
+def _subscribe(svc: Service, call: Call) -> Any:
+    """The filter: one cube (read access required; NotFound hides it) or all readable."""
+    cube = call.args.opt_str("cube")
+    call.args.done()
+    if cube is not None:
+        svc.require(call.identity, cube, "read")
+    return {"cube": cube}
+
+
+@op("unsubscribe", feed=True)
+def _unsubscribe(svc: Service, call: Call) -> Any:
+    call.args.done()
+    return {}
 
 
 # --- ops: maintenance and portability --------------------------------------------

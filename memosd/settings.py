@@ -12,7 +12,7 @@ Precedence, lowest to highest::
 
 * TOML (``tomllib``): top-level keys ``data_dir``, ``socket``,
   ``events_socket`` and the sections ``[log]``, ``[server]``, ``[storage]``,
-  ``[auth]``.  The file is ``config_path`` if given, else ``$MEMOSD_CONFIG``
+  ``[auth]``, ``[plugins]``.  The file is ``config_path`` if given, else ``$MEMOSD_CONFIG``
   if set, else none.
 * Environment: ``MEMOSD_<NAME>`` with dots turned into underscores, e.g.
   ``MEMOSD_SERVER_MAX_MESSAGE_BYTES``, ``MEMOSD_DATA_DIR``, ``MEMOSD_SOCKET``.
@@ -56,6 +56,7 @@ __all__ = [
     "SYSTEM_SOCKET_PATH",
     "AuthSettings",
     "LogSettings",
+    "PluginSettings",
     "ServerSettings",
     "SettingInfo",
     "Settings",
@@ -173,10 +174,20 @@ class ServerSettings:
     )
     sndhwm: int = _setting(
         10000,
-        "Send high-water mark of the request and event sockets (replies/events "
-        "queued per peer; events beyond it are dropped for that subscriber).",
+        "Send high-water mark of the request socket and the admin events socket "
+        "(replies and events queued per peer; a reply beyond it is dropped, "
+        "subscription events wait in `server.subscriber_queue`).",
         unit="messages",
         minimum=0,
+        maximum=_C_INT_MAX,
+    )
+    subscriber_queue: int = _setting(
+        1000,
+        "Change-feed events queued per subscriber while its connection is full; "
+        "beyond it events are dropped and the subscriber gets one `gap` event "
+        "saying how many it missed.",
+        unit="events",
+        minimum=1,
         maximum=_C_INT_MAX,
     )
     heartbeat_ivl_ms: int = _setting(
@@ -261,6 +272,27 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PluginSettings:
+    """``[plugins]``: which installed plugins load (docs/plugins.md)."""
+
+    allow: tuple[str, ...] = _setting(
+        ("*",),
+        "Plugins (entry-point names in group `memosd.plugins`) allowed to load; `*` "
+        "allows every installed plugin. Others are listed as `disabled`. Built-ins always load.",
+    )
+    required: tuple[str, ...] = _setting(
+        (),
+        "Plugins that must load: if one is missing or fails, the daemon refuses to start "
+        "(others that fail are reported and skipped).",
+    )
+    modules: tuple[str, ...] = _setting(
+        (),
+        "Extra plugin modules imported by name, after the entry points (development and "
+        "tests; not subject to `allow`).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """All daemon settings.  Build it with :func:`load_settings`."""
 
@@ -275,12 +307,14 @@ class Settings:
     )
     events_socket: Path = _setting(  # noqa: RUF009
         Path(EVENTS_SOCKET_NAME),
-        "ZeroMQ ipc path of the change feed (PUB).",
+        "ZeroMQ ipc path of the admin change feed (PUB, mode 0600: the daemon's "
+        "user only; clients use `subscribe`).",
     )
     log: LogSettings = field(default_factory=LogSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    plugins: PluginSettings = field(default_factory=PluginSettings)
 
 
 _SECTIONS: Final[dict[str, type[Any]]] = {
@@ -288,6 +322,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "server": ServerSettings,
     "storage": StorageSettings,
     "auth": AuthSettings,
+    "plugins": PluginSettings,
 }
 
 _PATH_DEFAULT_DOC: Final[dict[str, str]] = {
@@ -487,7 +522,11 @@ def _parse_value(entry: _Entry, value: Any) -> Any:
             items = list(value)
         else:
             raise _BadValueError(f"expected a list, got {value!r}")
-        if item_kind is not int:  # pragma: no cover - only int lists exist today
+        if item_kind is str:
+            if not all(isinstance(v, str) and v.strip() for v in items):
+                raise _BadValueError(f"expected a list of non-empty strings, got {value!r}")
+            return tuple(v.strip() for v in items)
+        if item_kind is not int:  # pragma: no cover - only int and str lists exist today
             raise AssertionError(item_kind)
         return tuple(_parse_int(v, unit=None) for v in items)
     if kind is int:
