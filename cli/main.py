@@ -941,15 +941,35 @@ def search(
     query: str,
     k: Annotated[int, typer.Option("-k", "--k", help="Number of results.", min=1)] = 10,
     explain: Annotated[
-        bool, typer.Option("--explain", help="Show everything the daemon reports about each hit.")
+        bool, typer.Option("--explain", help="Show the component scores of each hit.")
     ] = False,
+    also: Annotated[
+        list[str] | None,
+        typer.Option("--also", help="Search this cube too (repeatable; results are fused)."),
+    ] = None,
+    mode: Annotated[str, typer.Option("--mode", help="hybrid, dense or lexical.")] = "hybrid",
+    tier: Annotated[str | None, typer.Option("--tier", help="Only this tier.")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Only items with this tag (repeatable).")
+    ] = None,
     json_out: JsonOpt = False,
     socket: SocketOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Search a cube; best hits first."""
+    """Search a cube (or several with --also); best hits first."""
     with _session(ctx, json_out, socket, token) as s:
-        hits = list(s.client.search(cube, query, k=k))
+        cubes = [cube, *(also or [])]
+        hits = list(
+            s.client.search(
+                cubes if len(cubes) > 1 else cube,
+                query,
+                k=k,
+                explain=explain,
+                mode=mode,
+                tier=tier,
+                tags=tag or (),
+            )
+        )
         if s.emit(hits):
             return
         rows = []

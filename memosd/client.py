@@ -37,7 +37,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -75,6 +75,9 @@ _CUBE_FIELDS: Final = ("name", "owner", "config", "schema_version", "created_us"
 class Hit:
     item: Item
     score: float
+    # Per-signal scores ("dense", "lexical", boosts...) when the search asked
+    # for ``explain``; empty otherwise.
+    components: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +190,14 @@ def _items(wire: Any) -> list[Item]:
 def _hits(wire: Any) -> list[Hit]:
     if type(wire) is not list:
         raise _bad("search")
-    return [Hit(item_from_wire(h["item"]), float(h["score"])) for h in wire]
+    return [
+        Hit(
+            item_from_wire(h["item"]),
+            float(h["score"]),
+            {str(k): float(v) for k, v in (h.get("components") or {}).items()},
+        )
+        for h in wire
+    ]
 
 
 def _cubes(wire: Any) -> list[CubeInfo]:
@@ -289,19 +299,14 @@ class _Requests:
         return _Req("get", args, item_from_wire)
 
     @staticmethod
-    def search(
-        cube: str,
-        query: str,
-        *,
-        k: int,
-        tags: Iterable[str],
-        tier: str | None,
-        form: str | None,
-    ) -> _Req:
-        args = _drop_none(cube=cube, query=query, k=k, tier=tier, form=form)
-        tag_list = list(tags)
-        if tag_list:
-            args["tags"] = tag_list
+    def search(cube: str | Sequence[str], query: str, *, k: int, **filters: Any) -> _Req:
+        tags = list(filters.pop("tags", ()) or ())
+        if isinstance(cube, str):
+            args = _drop_none(cube=cube, query=query, k=k, **filters)
+        else:
+            args = _drop_none(cubes=list(cube), query=query, k=k, **filters)
+        if tags:
+            args["tags"] = tags
         return _Req("search", args, _hits)
 
 
@@ -612,16 +617,45 @@ class Client(_Base):
 
     def search(
         self,
-        cube: str,
+        cube: str | Sequence[str],
         query: str,
         *,
         k: int = 10,
         tags: Iterable[str] = (),
         tier: str | None = None,
         form: str | None = None,
+        session: str | None = None,
+        time_from_us: int | None = None,
+        time_to_us: int | None = None,
+        as_of_us: int | None = None,
+        status: str | None = None,
+        mode: str | None = None,
+        explain: bool = False,
+        wait: bool = True,
     ) -> list[Hit]:
+        """Hybrid search over one cube or several (results fused across them).
+
+        ``wait`` (default): first wait until this principal's own writes are
+        searchable (read-your-writes).  ``mode``: "hybrid", "dense" or
+        "lexical".  ``explain``: fill :attr:`Hit.components`.
+        """
         hits: list[Hit] = self._do(
-            _Requests.search(cube, query, k=k, tags=tags, tier=tier, form=form)
+            _Requests.search(
+                cube,
+                query,
+                k=k,
+                tags=tags,
+                tier=tier,
+                form=form,
+                session=session,
+                time_from_us=time_from_us,
+                time_to_us=time_to_us,
+                as_of_us=as_of_us,
+                status=status,
+                mode=mode,
+                explain=explain or None,
+                wait=None if wait else False,
+            )
         )
         return hits
 
@@ -1001,16 +1035,45 @@ class AsyncClient(_Base):
 
     async def search(
         self,
-        cube: str,
+        cube: str | Sequence[str],
         query: str,
         *,
         k: int = 10,
         tags: Iterable[str] = (),
         tier: str | None = None,
         form: str | None = None,
+        session: str | None = None,
+        time_from_us: int | None = None,
+        time_to_us: int | None = None,
+        as_of_us: int | None = None,
+        status: str | None = None,
+        mode: str | None = None,
+        explain: bool = False,
+        wait: bool = True,
     ) -> list[Hit]:
+        """Hybrid search over one cube or several (results fused across them).
+
+        ``wait`` (default): first wait until this principal's own writes are
+        searchable (read-your-writes).  ``mode``: "hybrid", "dense" or
+        "lexical".  ``explain``: fill :attr:`Hit.components`.
+        """
         hits: list[Hit] = await self._do(
-            _Requests.search(cube, query, k=k, tags=tags, tier=tier, form=form)
+            _Requests.search(
+                cube,
+                query,
+                k=k,
+                tags=tags,
+                tier=tier,
+                form=form,
+                session=session,
+                time_from_us=time_from_us,
+                time_to_us=time_to_us,
+                as_of_us=as_of_us,
+                status=status,
+                mode=mode,
+                explain=explain or None,
+                wait=None if wait else False,
+            )
         )
         return hits
 

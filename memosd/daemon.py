@@ -198,6 +198,42 @@ def _engine_settings(settings: Settings) -> EngineSettings:
     )
 
 
+def open_search(settings: Settings, engine: Any) -> Any:
+    """The search indexes over ``engine`` (blocking: loads the embedder), or None."""
+    ix = settings.index
+    if not ix.enabled:
+        return None
+    # Heavy (torch, faiss): imported only when the indexes are enabled.
+    from memosd.embed import (  # noqa: PLC0415
+        Embedder,
+        HashingEmbedder,
+        MiniLMEmbedder,
+        SentenceTransformerEmbedder,
+    )
+    from memosd.index import IndexSettings, SearchService  # noqa: PLC0415
+
+    embedder: Embedder
+    if ix.embedder == "minilm":
+        embedder = MiniLMEmbedder()
+    elif ix.embedder == "hashing":
+        embedder = HashingEmbedder(384)
+    else:
+        embedder = SentenceTransformerEmbedder(ix.embedder)
+    search = SearchService(
+        engine,
+        settings.data_dir,
+        embedder=embedder,
+        settings=IndexSettings(
+            hnsw_threshold=ix.hnsw_threshold,
+            ef_search=ix.ef_search,
+            fusion=ix.fusion,
+            wait_timeout_s=ix.wait_timeout_s,
+        ),
+    )
+    search.start()
+    return search
+
+
 def open_engine(settings: Settings, on_progress: Callable[[str], None]) -> Engine:
     """The default engine factory: recover and open the store (blocking)."""
     return Engine.open(
@@ -254,9 +290,18 @@ async def serve(
     lock = DataDirLock.acquire(settings.data_dir)
     try:
         engine = await _open_engine(settings, engine_factory)
+        search = None
         try:
-            return await _serve_engine(settings, engine, shutdown_trigger, task_status)
+            sdnotify.status("loading the search indexes")
+            search = await anyio.to_thread.run_sync(open_search, settings, engine)
+            return await _serve_engine(settings, engine, shutdown_trigger, task_status, search)
         finally:
+            if search is not None:
+                sdnotify.status("writing the search index snapshot")
+                try:
+                    await anyio.to_thread.run_sync(search.close)
+                except Exception:
+                    _log.exception("closing the search indexes failed")
             sdnotify.status("closing the store (final checkpoint)")
             try:
                 await anyio.to_thread.run_sync(engine.close)
@@ -271,6 +316,7 @@ async def _serve_engine(
     engine: Any,
     shutdown_trigger: Callable[[], Awaitable[Any]],
     task_status: TaskStatus[Running],
+    search: Any = None,
 ) -> int:
     prepare_socket_path(settings.socket)
     prepare_socket_path(settings.events_socket)
@@ -279,6 +325,7 @@ async def _serve_engine(
         admin_uids=settings.auth.admin_uids,
         thread_limit=max(4, min(settings.server.max_inflight, 256)),
         events_endpoint=ipc_endpoint(settings.events_socket),
+        search=search,
     )
     server = Server(
         service,

@@ -780,6 +780,11 @@ class Engine:
         }
 
     @property
+    def last_lsn(self) -> int:
+        """The newest LSN handed out by the WAL (covers every acknowledged write)."""
+        return self.wal.last_lsn
+
+    @property
     def applied_lsn(self) -> int:
         return self.store.applied_lsn()
 

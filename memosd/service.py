@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 from memosd import __version__
@@ -92,6 +92,7 @@ class Write:
     plan: Callable[[Any], Any]
     finish: Callable[[Any], Any]
     acl_change: bool = False
+    principal: str | None = None  # filled in by Service.start_write
 
 
 OPS: dict[str, OpSpec] = {}
@@ -289,8 +290,13 @@ class Service:
         thread_limit: int = 64,
         events_endpoint: str | None = None,
         now: Callable[[], float] = time.time,
+        search: Any = None,
     ) -> None:
         self.engine = engine
+        # memosd.index.SearchService, or None (index.enabled = false).
+        self.search = search
+        # principal -> LSN of its newest acknowledged write (read-your-writes).
+        self.written_lsn: dict[str, int] = {}
         self.admin_uids = frozenset({0, os.getuid(), *admin_uids})
         # A plain executor: under load it costs half of anyio.to_thread's hop here.
         self.executor = ThreadPoolExecutor(thread_limit, thread_name_prefix="memosd-op")
@@ -348,7 +354,8 @@ class Service:
         spec = self._spec(request)
         if spec.kind != "write":
             raise InternalError(f"{request.op} is not a write op")
-        write: Write = spec.handler(self, self._call(request, peer))
+        call = self._call(request, peer)
+        write: Write = replace(spec.handler(self, call), principal=call.identity.principal)
         return self.engine.atomic_future(write.plan), write
 
     def finish_write(self, write: Write, future: Future[Any]) -> Reply:
@@ -358,6 +365,9 @@ class Service:
         finally:
             if write.acl_change:
                 self.invalidate_acl()
+        if write.principal is not None:
+            # The write is applied, so the engine's last LSN covers it.
+            self.written_lsn[write.principal] = self.engine.last_lsn
         out = write.finish(result)
         return out if isinstance(out, Reply) else Reply(out)
 
@@ -535,6 +545,8 @@ async def _status(svc: Service, call: Call) -> Any:
         result["inflight"] = svc.inflight()
         result["subscribers"] = svc.subscribers()
         result["engine"] = to_wire(await svc.run(svc.engine.status))
+        if svc.search is not None:
+            result["search"] = to_wire(await svc.run(svc.search.status))
     return result
 
 
@@ -574,6 +586,13 @@ def _create_cube(svc: Service, call: Call) -> Write:
     svc.require_writable()
     validate_cube_name(name)
     owner = owner or call.identity.principal
+    if svc.search is not None:
+        # The cube records the daemon's embedding model; a client asking for
+        # another one is refused now rather than at its first search.
+        if config is None:
+            config = svc.search.cube_config()
+        else:
+            svc.search.check_cube_config(name, config)
     return Write(
         lambda p: p.create_cube(name, owner=owner, config=config),
         _owned_cube_wire,
@@ -877,21 +896,74 @@ def _scan_active(engine: Any, cube: str, tier: str | None, form: str | None) -> 
 
 @op("search")
 async def _search(svc: Service, call: Call) -> Any:
+    """Hybrid search over one cube (``cube``) or several (``cubes``), fused."""
     a = call.args
-    cube = a.req_str("cube")
+    cube = a.opt_str("cube")
+    cubes = a.opt_str_list("cubes")
     query = a.req_str("query")
     k = a.opt_int("k", lo=1, hi=MAX_K) or 10
     tags = a.opt_str_list("tags") or []
     tier = a.opt_str("tier")
     form = a.opt_str("form")
+    session = a.opt_str("session")
+    time_from_us = a.opt_int("time_from_us")
+    time_to_us = a.opt_int("time_to_us")
+    as_of_us = a.opt_int("as_of_us")
+    status = a.opt_str("status")
+    mode = a.opt_str("mode") or "hybrid"
+    explain = a.raw("explain") is True
+    wait_raw = a.raw("wait")
     a.done()
-    svc.require(call.identity, cube, "read")
+    names = ([cube] if cube is not None else []) + list(cubes or [])
+    if not names:
+        raise BadRequest("search: give `cube` or `cubes`", reason="bad_arg", field="cube")
+    for name in names:
+        svc.require(call.identity, name, "read")
+    if svc.search is None:
 
-    def scan() -> list[tuple[Any, float]]:
-        return lexical_scan_search(_scan_active(svc.engine, cube, tier, form), query, k, tags=tags)
+        def scan() -> list[tuple[Any, float]]:
+            return lexical_scan_search(
+                (i for n in names for i in _scan_active(svc.engine, n, tier, form)),
+                query,
+                k,
+                tags=tags,
+            )
 
-    hits = await svc.run(scan)
-    return [{"item": item_to_wire(item), "score": score} for item, score in hits]
+        scanned = await svc.run(scan)
+        return [{"item": item_to_wire(item), "score": score} for item, score in scanned]
+
+    from memosd.index import SearchFilters  # noqa: PLC0415 - heavy, only with indexes
+
+    filters = SearchFilters(
+        tiers=(tier,) if tier else None,
+        forms=(form,) if form else None,
+        tags=tuple(tags),
+        sessions=(session,) if session else None,
+        time_from_us=time_from_us,
+        time_to_us=time_to_us,
+        as_of_us=as_of_us,
+        status=status or "active",
+    )
+    # Read-your-writes: wait until this principal's own writes are indexed.
+    wait_for = svc.written_lsn.get(call.identity.principal) if wait_raw is not False else None
+
+    def run() -> list[Any]:
+        return list(
+            svc.search.search(
+                names,
+                query,
+                k=k,
+                filters=filters,
+                wait_for_lsn=wait_for,
+                mode=mode,
+                explain=explain,
+            )
+        )
+
+    hits = await svc.run(run)
+    return [
+        {"item": item_to_wire(h.item), "score": h.score, "components": h.components} for h in hits
+    ]
 
 
 # --- ops: the change feed (the server keeps the subscription) --------------------

@@ -55,6 +55,7 @@ __all__ = [
     "LOG_LEVELS",
     "SYSTEM_SOCKET_PATH",
     "AuthSettings",
+    "IndexSectionSettings",
     "LogSettings",
     "PluginSettings",
     "ServerSettings",
@@ -272,6 +273,43 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class IndexSectionSettings:
+    """``[index]``: the search indexes (docs/retrieval.md)."""
+
+    enabled: bool = _setting(
+        True,
+        "Keep dense + lexical search indexes; when false, `search` falls back to a "
+        "plain lexical scan of the cube.",
+    )
+    embedder: str = _setting(
+        "minilm",
+        "`minilm` (the embedded all-MiniLM-L6-v2, offline), a path to a local "
+        "sentence-transformers model directory, or `hashing` (a tiny deterministic "
+        "embedder for tests only: no semantic quality).",
+    )
+    hnsw_threshold: int = _setting(
+        20_000,
+        "Items in a cube past which its dense index switches from exact (flat) to HNSW, "
+        "built in the background without downtime.",
+        unit="items",
+        minimum=1,
+    )
+    ef_search: int = _setting(128, "HNSW efSearch (recall vs. speed).", minimum=1, maximum=4096)
+    fusion: str = _setting(
+        "score",
+        "How hybrid search fuses dense and lexical results: weighted `score` or `rrf`.",
+        choices=("score", "rrf"),
+    )
+    wait_timeout_s: float = _setting(
+        10.0,
+        "How long a search waits for the caller's own writes to become searchable "
+        "(read-your-writes) before failing with `unavailable`/`index_lagging`.",
+        unit="s",
+        minimum=0.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class PluginSettings:
     """``[plugins]``: which installed plugins load (docs/plugins.md)."""
 
@@ -314,6 +352,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    index: IndexSectionSettings = field(default_factory=IndexSectionSettings)
     plugins: PluginSettings = field(default_factory=PluginSettings)
 
 
@@ -322,6 +361,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "server": ServerSettings,
     "storage": StorageSettings,
     "auth": AuthSettings,
+    "index": IndexSectionSettings,
     "plugins": PluginSettings,
 }
 

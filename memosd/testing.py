@@ -91,6 +91,8 @@ class DaemonHandle:
             k: v for k, v in os.environ.items() if not k.startswith(("MEMOSD_", "NOTIFY_SOCKET"))
         }
         self.env["MEMOSD_LOG_FORMAT"] = "json"
+        # Fast, model-free embeddings by default (pass env to use MiniLM).
+        self.env["MEMOSD_INDEX_EMBEDDER"] = "hashing"
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -67,7 +67,11 @@ def test_search_list_and_cubes(memosd_daemon: DaemonHandle) -> None:
             c.create_cube("kb", config={"embedding_dim": "eight"})
         with pytest.raises(BadRequest):
             c.create_cube("kb", config={"no_such_field": 1})
-        c.create_cube("kb", config={"embedding_dim": 8})
+        # A cube records the daemon's embedding model; another one is refused.
+        with pytest.raises(BadRequest) as mismatch:
+            c.create_cube("kb", config={"embedding_dim": 8})
+        assert mismatch.value.reason == "embedding_mismatch"
+        c.create_cube("kb")
         with pytest.raises(Conflict):
             c.create_cube("kb")
         ids = [
@@ -82,11 +86,11 @@ def test_search_list_and_cubes(memosd_daemon: DaemonHandle) -> None:
         assert hits[0].item.id == ids[0]
         assert hits[0].score > 0
         assert {h.item.id for h in c.search("kb", "cat", tags=["pets"])} <= set(ids[:2])
-        assert c.search("kb", "zebra") == []
+        assert c.search("kb", "zebra", mode="lexical") == []  # dense always has neighbours
         assert len(c.list_items("kb", limit=2)) == 2
         info = c.get_cube("kb")
         assert info.counts == {"active": 3, "archived": 0, "deleted": 0}
-        assert info.config["embedding_dim"] == 8
+        assert info.config["embedding_dim"] == 384
         assert [cube.name for cube in c.list_cubes()] == ["kb"]
         assert c.drop_cube("kb") == 3
         with pytest.raises(NotFound):
