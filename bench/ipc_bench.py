@@ -181,7 +181,10 @@ def main() -> None:
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="memosd-bench-"))
-    daemon = DaemonHandle(base, env={"MEMOSD_LOG_LEVEL": "warning"}).start()
+    # The issue measures durable adds without embedding: no search indexes.
+    daemon = DaemonHandle(
+        base, env={"MEMOSD_LOG_LEVEL": "warning", "MEMOSD_INDEX_ENABLED": "false"}
+    ).start()
     echo_procs: list[subprocess.Popen[str]] = []
     try:
         with daemon.client() as c:
