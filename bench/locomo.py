@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/locomo.py                 # all 10 conversations, 3 modes
     .venv/bin/python bench/locomo.py --limit 2 --json out.json
+    .venv/bin/python bench/locomo.py --in-process    # no daemon: Engine + SearchService
 
 Loads ``../shared/data/locomo/locomo10.json`` (relative to the repository; the
 data is never copied in), ingests each conversation into its own cube (one
@@ -10,8 +11,8 @@ the session date as world time ``valid_from_us``, ``dia_id``/``session``/
 ``speaker`` in metadata, and - unless ``--context none`` - the previous turn
 of the session as retrieval context, ``metadata["context"]``, indexed with
 the turn but not part of its text), then asks every QA question through
-``SearchService.search`` in each mode and reports turn-level evidence
-recall@k (k = 1, 5, 10, 25) per category and overall, plus nDCG@10.
+``search`` in each mode and reports turn-level evidence recall@k
+(k = 1, 5, 10, 25) per category and overall, plus nDCG@10.
 
 Metric (as in LoCoMo's ``task_eval/evaluation.py``): per question, the
 fraction of its evidence turns among the top k, averaged over questions.
@@ -20,20 +21,34 @@ and spaces ("D8:6; D9:17"), "D:11:26" becomes "D11:26", leading zeros are
 dropped ("D30:05" -> "D30:5"); questions without evidence are skipped and
 counted.
 
-Runs in-process against ``Engine`` + ``SearchService`` (the daemon's search
-op is not wired to the index yet).
+``--daemon`` (default): starts a real ``memosd`` subprocess on a temporary
+data directory and ipc socket (``MEMOSD_INDEX_EMBEDDER=minilm``, the daemon's
+``[index]`` defaults, ``index.wait_timeout_s`` raised so the first search
+after ingest can wait for the indexer) and does everything through
+``memosd.client.Client``: ``create_cube``, ``add`` from several threads
+sharing one client, ``search(cube, question, k=25, mode=...)``; evidence is
+matched on ``hit.item.metadata["dia_id"]``.  ``--in-process``: the same
+against ``Engine`` + ``SearchService`` directly (no IPC; allows tuning
+``--rrf-k``/``--dense-weight``/``--lexical-weight``, which the daemon does
+not expose).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,11 +114,144 @@ def dcg(relevances: list[int]) -> float:
     return sum(rel / math.log2(i + 2) for i, rel in enumerate(relevances))
 
 
+class InProcess:
+    """``Engine`` + ``SearchService`` in this process."""
+
+    label = "in-process (Engine + SearchService)"
+
+    def __init__(self, data_dir: Path, settings: Any) -> None:
+        from memosd.engine import Engine
+        from memosd.index import SearchService
+
+        self.settings = settings
+        self.engine = Engine.open(data_dir)
+        self.service = SearchService(self.engine, data_dir, settings=settings)
+        self.service.start()
+        self.service.wait_ready()
+
+    def create_cube(self, name: str) -> None:
+        self.engine.create_cube(name, owner="uid:0", config=self.service.cube_config())
+
+    def add(self, cube: str, text: str, **kwargs: Any) -> None:
+        self.engine.add(cube, text, source="locomo", **kwargs)
+
+    def wait_indexed(self, cubes: list[str]) -> bool:
+        ok: bool = self.service.wait_indexed(self.engine.status()["applied_lsn"], timeout=3600)
+        return ok
+
+    def search(self, cube: str, query: str, k: int, mode: str) -> list[str]:
+        hits = self.service.search([cube], query, k=k, mode=mode)
+        return [str(h.item.metadata["dia_id"]) for h in hits]
+
+    def close(self) -> None:
+        self.service.close()
+        self.engine.close()
+
+
+class Daemon:
+    """A real ``memosd`` subprocess on ``data_dir`` and a temporary ipc socket."""
+
+    label = "through the daemon (memosd subprocess, ipc socket)"
+
+    def __init__(self, data_dir: Path, fusion: str | None) -> None:
+        from memosd.client import Client
+        from memosd.index import IndexSettings
+
+        # What memosd.daemon.open_search builds from the [index] section.
+        self.settings = IndexSettings() if fusion is None else IndexSettings(fusion=fusion)
+        self.run_dir = Path(tempfile.mkdtemp(prefix="locomo-run-", dir="/tmp"))
+        self.socket = self.run_dir / "memosd.sock"
+        self.log_path = data_dir.parent / f"{data_dir.name}.memosd.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMOSD_", "NOTIFY_"))}
+        env.update(
+            MEMOSD_INDEX_EMBEDDER="minilm",
+            MEMOSD_INDEX_WAIT_TIMEOUT_S="600",
+            MEMOSD_INDEX_FUSION=self.settings.fusion,
+            MEMOSD_LOG_FORMAT="json",
+            MEMOSD_LOG_LEVEL="warning",
+        )
+        cmd = [sys.executable, "-m", "memosd", "--data-dir", str(data_dir)]
+        cmd += ["--socket", str(self.socket)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # Generous per-call timeout: the first search after ingest waits for the indexer.
+        self.client = Client(self.socket, timeout=900.0)
+        try:
+            self._wait_ready(300.0)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        from memosd.client import Client
+        from memosd.errors import MemosError
+
+        deadline = time.monotonic() + timeout
+        with Client(self.socket, timeout=1.0) as probe:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"memosd exited ({self.proc.returncode}); {self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"memosd not ready in {timeout} s; {self.log_tail()}")
+                if self.socket.exists():
+                    with contextlib.suppress(MemosError):
+                        probe.ping()
+                        return
+                time.sleep(0.05)
+
+    def log_tail(self) -> str:
+        try:
+            return "log tail:\n" + "\n".join(self.log_path.read_text().splitlines()[-20:])
+        except OSError:
+            return "no log"
+
+    def create_cube(self, name: str) -> None:
+        self.client.create_cube(name)  # the daemon fills in the embedder's config
+
+    def add(self, cube: str, text: str, **kwargs: Any) -> None:
+        self.client.add(cube, text, source="locomo", **kwargs)
+
+    def wait_indexed(self, cubes: list[str]) -> bool:
+        # Read-your-writes: this search waits until all of our adds are indexed.
+        self.client.search(cubes[0], "warm-up", k=1, mode="lexical")
+        return True
+
+    def search(self, cube: str, query: str, k: int, mode: str) -> list[str]:
+        hits = self.client.search(cube, query, k=k, mode=mode)
+        return [str(h.item.metadata["dia_id"]) for h in hits]
+
+    def close(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--limit", type=int, default=0, help="only the first N conversations")
     parser.add_argument("--modes", default=",".join(MODES))
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--daemon",
+        dest="in_process",
+        action="store_false",
+        help="through a real memosd subprocess (default)",
+    )
+    where.add_argument(
+        "--in-process",
+        dest="in_process",
+        action="store_true",
+        help="against Engine + SearchService in this process",
+    )
+    parser.set_defaults(in_process=False)
+    parser.add_argument("--threads", type=int, default=4, help="client threads (daemon mode)")
     parser.add_argument("--text", choices=("plain", "speaker"), default="speaker")
     parser.add_argument(
         "--context",
@@ -112,12 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         help="index each turn with the previous turn of its session as retrieval context",
     )
     parser.add_argument("--fusion", choices=("score", "rrf"), default=None)
-    parser.add_argument("--rrf-k", type=float, default=None)
-    parser.add_argument("--dense-weight", type=float, default=None)
-    parser.add_argument("--lexical-weight", type=float, default=None)
+    parser.add_argument("--rrf-k", type=float, default=None, help="--in-process only")
+    parser.add_argument("--dense-weight", type=float, default=None, help="--in-process only")
+    parser.add_argument("--lexical-weight", type=float, default=None, help="--in-process only")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
     parser.add_argument("--data-dir", type=Path, default=None, help="keep the store here")
     args = parser.parse_args(argv)
+    tuning = (args.rrf_k, args.dense_weight, args.lexical_weight)
+    if not args.in_process and any(v is not None for v in tuning):
+        parser.error("--rrf-k/--dense-weight/--lexical-weight need --in-process")
 
     import structlog
 
@@ -126,123 +277,135 @@ def main(argv: list[str] | None = None) -> int:
     )
     from dataclasses import replace
 
-    from memosd.engine import Engine
-    from memosd.index import IndexSettings, SearchService
+    from memosd.index import IndexSettings
 
     data = json.loads(args.data.read_text())
     if args.limit:
         data = data[: args.limit]
     modes = [m for m in args.modes.split(",") if m]
-    settings = IndexSettings(snapshot_interval_s=0)
-    for name, value in (
-        ("rrf_k", args.rrf_k),
-        ("dense_weight", args.dense_weight),
-        ("lexical_weight", args.lexical_weight),
-        ("fusion", args.fusion),
-    ):
-        if value is not None:
-            settings = replace(settings, **{name: value})
 
     tmp = None
     if args.data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="locomo-")
-        data_dir = Path(tmp.name)
+        data_dir = Path(tmp.name) / "data"
     else:
         data_dir = args.data_dir
     started = time.monotonic()
-    engine = Engine.open(data_dir)
-    service = SearchService(engine, data_dir, settings=settings)
-    service.start()
-    service.wait_ready()
+    backend: InProcess | Daemon
+    if args.in_process:
+        settings = IndexSettings(snapshot_interval_s=0)
+        for name, value in (
+            ("rrf_k", args.rrf_k),
+            ("dense_weight", args.dense_weight),
+            ("lexical_weight", args.lexical_weight),
+            ("fusion", args.fusion),
+        ):
+            if value is not None:
+                settings = replace(settings, **{name: value})
+        backend = InProcess(data_dir, settings)
+    else:
+        backend = Daemon(data_dir, args.fusion)
+    settings = backend.settings
+    try:
+        # --- ingest -------------------------------------------------------------------
+        cubes = [f"locomo-{conv['sample_id']}" for conv in data]
+        adds: list[tuple[str, str, dict[str, Any]]] = []
+        for cube, conv in zip(cubes, data, strict=True):
+            backend.create_cube(cube)
+            for n, when, session_turns in sessions(conv["conversation"]):
+                previous: str | None = None
+                for turn in session_turns:
+                    text = turn_text(turn, args.text)
+                    metadata: dict[str, Any] = {
+                        "dia_id": turn["dia_id"],
+                        "speaker": turn["speaker"],
+                        "session": n,
+                    }
+                    if args.context == "previous" and previous is not None:
+                        metadata["context"] = previous
+                    kwargs = {
+                        "session": f"session_{n}",
+                        "valid_from_us": when,
+                        "metadata": metadata,
+                    }
+                    adds.append((cube, text, kwargs))
+                    previous = text
+        turns = len(adds)
+        t0 = time.monotonic()
+        threads = 1 if args.in_process else max(1, args.threads)
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(lambda a: backend.add(a[0], a[1], **a[2]), adds):
+                pass
+        write_s = time.monotonic() - t0
+        if not backend.wait_indexed(cubes):
+            print("indexing did not finish", file=sys.stderr)
+            return 1
+        ingest_s = time.monotonic() - t0
 
-    # --- ingest -------------------------------------------------------------------
-    dia_of: dict[tuple[str, str], str] = {}
-    turns = 0
-    t0 = time.monotonic()
-    for conv in data:
-        cube = f"locomo-{conv['sample_id']}"
-        engine.create_cube(cube, owner="uid:0", config=service.cube_config())
-        for n, when, session_turns in sessions(conv["conversation"]):
-            previous: str | None = None
-            for turn in session_turns:
-                text = turn_text(turn, args.text)
-                metadata: dict[str, Any] = {
-                    "dia_id": turn["dia_id"],
-                    "speaker": turn["speaker"],
-                    "session": n,
-                }
-                if args.context == "previous" and previous is not None:
-                    metadata["context"] = previous
-                item = engine.add(
-                    cube,
-                    text,
-                    session=f"session_{n}",
-                    source="locomo",
-                    valid_from_us=when,
-                    metadata=metadata,
-                )
-                dia_of[(cube, item.id)] = turn["dia_id"]
-                previous = text
-                turns += 1
-    write_s = time.monotonic() - t0
-    lsn = engine.status()["applied_lsn"]
-    if not service.wait_indexed(lsn, timeout=3600):
-        print("indexing did not finish", file=sys.stderr)
-        return 1
-    ingest_s = time.monotonic() - t0
+        # --- questions ----------------------------------------------------------------
+        kmax = max(KS)
+        recall: dict[str, dict[str, dict[int, list[float]]]] = {
+            m: defaultdict(lambda: defaultdict(list)) for m in modes
+        }
+        ndcg: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in modes}
+        skipped = 0
+        unknown_ids = 0
+        questions: list[tuple[str, str, str, list[str]]] = []
+        for cube, conv in zip(cubes, data, strict=True):
+            known = {t["dia_id"] for _, _, ts in sessions(conv["conversation"]) for t in ts}
+            for qa in conv["qa"]:
+                evidence = normalise_evidence(qa.get("evidence") or [])
+                if not evidence:
+                    skipped += 1
+                    continue
+                unknown_ids += sum(1 for e in evidence if e not in known)
+                category = CATEGORIES.get(int(qa["category"]), str(qa["category"]))
+                questions.append((cube, str(qa["question"]), category, evidence))
 
-    # --- questions ----------------------------------------------------------------
-    kmax = max(KS)
-    recall: dict[str, dict[str, dict[int, list[float]]]] = {
-        m: defaultdict(lambda: defaultdict(list)) for m in modes
-    }
-    ndcg: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in modes}
-    skipped = 0
-    unknown_ids = 0
-    search_s: dict[str, float] = defaultdict(float)
-    questions = 0
-    for conv in data:
-        cube = f"locomo-{conv['sample_id']}"
-        known = {t["dia_id"] for _, _, ts in sessions(conv["conversation"]) for t in ts}
-        for qa in conv["qa"]:
-            evidence = normalise_evidence(qa.get("evidence") or [])
-            if not evidence:
-                skipped += 1
-                continue
-            unknown_ids += sum(1 for e in evidence if e not in known)
-            questions += 1
-            category = CATEGORIES.get(int(qa["category"]), str(qa["category"]))
-            for mode in modes:
-                q0 = time.monotonic()
-                hits = service.search([cube], str(qa["question"]), k=kmax, mode=mode)
-                search_s[mode] += time.monotonic() - q0
-                ranked: list[str] = []
-                for hit in hits:
-                    dia = dia_of[(cube, hit.item.id)]
-                    if dia not in ranked:
-                        ranked.append(dia)
-                wanted = set(evidence)
-                for k in KS:
-                    found = len(wanted.intersection(ranked[:k])) / len(wanted)
-                    recall[mode][category][k].append(found)
-                    recall[mode]["overall"][k].append(found)
-                gains = [1 if d in wanted else 0 for d in ranked[:10]]
-                ideal = dcg([1] * min(len(wanted), 10))
-                value = dcg(gains) / ideal if ideal else 0.0
-                ndcg[mode][category].append(value)
-                ndcg[mode]["overall"].append(value)
+        search_s: dict[str, float] = defaultdict(float)
 
-    service.close()
-    engine.close()
-    if tmp is not None:
-        tmp.cleanup()
+        def ask(job: tuple[int, str]) -> tuple[int, str, list[str], float]:
+            i, mode = job
+            cube, question, _, _ = questions[i]
+            q0 = time.monotonic()
+            ranked = backend.search(cube, question, kmax, mode)
+            return i, mode, ranked, time.monotonic() - q0
+
+        jobs = [(i, mode) for i in range(len(questions)) for mode in modes]
+        q_started = time.monotonic()
+        with ThreadPoolExecutor(threads) as pool:
+            answers = list(pool.map(ask, jobs))
+        questions_s = time.monotonic() - q_started
+        for i, mode, hit_ids, took in answers:
+            _, _, category, evidence = questions[i]
+            search_s[mode] += took
+            ranked: list[str] = []
+            for dia in hit_ids:
+                if dia not in ranked:
+                    ranked.append(dia)
+            wanted = set(evidence)
+            for k in KS:
+                found = len(wanted.intersection(ranked[:k])) / len(wanted)
+                recall[mode][category][k].append(found)
+                recall[mode]["overall"][k].append(found)
+            gains = [1 if d in wanted else 0 for d in ranked[:10]]
+            ideal = dcg([1] * min(len(wanted), 10))
+            value = dcg(gains) / ideal if ideal else 0.0
+            ndcg[mode][category].append(value)
+            ndcg[mode]["overall"].append(value)
+    finally:
+        backend.close()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.cleanup()
 
     # --- report -------------------------------------------------------------------
+    n_questions = len(questions)
     rows = [*sorted(c for c in recall[modes[0]] if c != "overall"), "overall"]
     header = "| category | n | mode | " + " | ".join(f"R@{k}" for k in KS) + " | nDCG@10 |"
     print(
-        f"LoCoMo turn-level evidence recall: {len(data)} conversations, {turns} turns, "
-        f"{questions} questions ({skipped} without evidence skipped, "
+        f"LoCoMo turn-level evidence recall, {backend.label}: {len(data)} conversations, "
+        f"{turns} turns, {n_questions} questions ({skipped} without evidence skipped, "
         f"{unknown_ids} evidence ids not in their conversation); text {args.text!r}, "
         f"context {args.context!r}, fusion {settings.fusion!r} "
         f"(dense {settings.dense_weight}, lexical {settings.lexical_weight})"
@@ -263,9 +426,10 @@ def main(argv: list[str] | None = None) -> int:
             cells = " | ".join(f"{per_k[k]:.3f}" for k in KS)
             print(f"| {row} | {n} | {mode} | {cells} | {nd:.3f} |")
     print(
-        f"\nwrite {turns} turns: {write_s:.1f} s; written + indexed (MiniLM): {ingest_s:.1f} s "
-        f"({turns / ingest_s:.0f} turns/s); search per query: "
-        + ", ".join(f"{m} {1000 * search_s[m] / max(questions, 1):.1f} ms" for m in modes)
+        f"\nwrite {turns} turns ({threads} thread(s)): {write_s:.1f} s; written + indexed "
+        f"(MiniLM): {ingest_s:.1f} s ({turns / ingest_s:.0f} turns/s); "
+        f"{len(jobs)} searches in {questions_s:.1f} s; latency per search: "
+        + ", ".join(f"{m} {1000 * search_s[m] / max(n_questions, 1):.1f} ms" for m in modes)
         + f"; total {time.monotonic() - started:.0f} s"
     )
     if args.json:
@@ -273,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "settings": {
+                        "where": "in-process" if args.in_process else "daemon",
                         "text": args.text,
                         "context": args.context,
                         "fusion": settings.fusion,
@@ -280,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                         "dense_weight": settings.dense_weight,
                         "lexical_weight": settings.lexical_weight,
                     },
-                    "questions": questions,
+                    "questions": n_questions,
                     "skipped_without_evidence": skipped,
                     "results": results,
                 },
