@@ -52,6 +52,8 @@ from memosd import __version__, sdnotify
 from memosd.engine import Engine, EngineSettings
 from memosd.errors import MemosError
 from memosd.logs import configure_logging
+from memosd.plugins.manager import RequiredPluginError
+from memosd.plugins.runtime import PluginRuntime, load_plugins
 from memosd.server import Server, ipc_endpoint
 from memosd.service import Service
 from memosd.settings import Settings, SettingsError, load_settings, settings_as_dict
@@ -289,13 +291,18 @@ async def serve(
     """
     lock = DataDirLock.acquire(settings.data_dir)
     try:
+        # Plugins first: a required plugin that fails aborts before a long recovery.
+        plugins = await anyio.to_thread.run_sync(_load_plugins, settings)
         engine = await _open_engine(settings, engine_factory)
         search = None
         try:
             sdnotify.status("loading the search indexes")
             search = await anyio.to_thread.run_sync(open_search, settings, engine)
-            return await _serve_engine(settings, engine, shutdown_trigger, task_status, search)
+            return await _serve_engine(
+                settings, engine, shutdown_trigger, task_status, search=search, plugins=plugins
+            )
         finally:
+            plugins.close()
             if search is not None:
                 sdnotify.status("writing the search index snapshot")
                 try:
@@ -311,12 +318,22 @@ async def serve(
         lock.release()
 
 
+def _load_plugins(settings: Settings) -> PluginRuntime:
+    """Load plugins (docs/plugins.md); a failed *required* plugin is a config error."""
+    try:
+        return PluginRuntime(load_plugins(settings))
+    except RequiredPluginError as exc:
+        raise DaemonExitError(EXIT_CONFIG, exc.message) from None
+
+
 async def _serve_engine(
     settings: Settings,
     engine: Any,
     shutdown_trigger: Callable[[], Awaitable[Any]],
     task_status: TaskStatus[Running],
+    *,
     search: Any = None,
+    plugins: PluginRuntime | None = None,
 ) -> int:
     prepare_socket_path(settings.socket)
     prepare_socket_path(settings.events_socket)
@@ -326,6 +343,7 @@ async def _serve_engine(
         thread_limit=max(4, min(settings.server.max_inflight, 256)),
         events_endpoint=ipc_endpoint(settings.events_socket),
         search=search,
+        plugins=plugins.manager if plugins is not None else None,
     )
     server = Server(
         service,
@@ -365,6 +383,8 @@ async def _serve_engine(
     async with anyio.create_task_group() as tg:
         await tg.start(server.serve)
         engine.add_listener(server.publish_threadsafe)
+        if plugins is not None:
+            plugins.attach(engine)  # on_change observers, on their own thread
         tg.start_soon(wait_for_trigger)
         tg.start_soon(watch_health)
         interval = sdnotify.watchdog_interval_s()

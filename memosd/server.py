@@ -508,8 +508,9 @@ class Server:
         self._events_scheduled = False  # first: a later append schedules a new drain
         while self._events:
             self._publish(self._events.popleft())
-        if len(self.feed):
-            self._check_input()
+        # Always: an event sent on the ROUTER (e.g. the subscription_ended that
+        # also removed the last subscriber) may have consumed the input edge.
+        self._check_input()
 
     def _publish(self, event: Any) -> None:
         self.service.on_change(getattr(event, "kind", ""))

@@ -51,6 +51,7 @@ from memosd.auth import (
 )
 from memosd.errors import BadRequest, InternalError, NotFound, Unavailable
 from memosd.memcube.model import CubeConfig, validate_cube_config, validate_cube_name
+from memosd.plugins.runtime import plugins_result, validate_add, validate_update
 from memosd.portable import dump_cube, load_cube
 from memosd.protocol import FRAME_KEY, PROTOCOL_VERSION, Reply, Request, item_to_wire, to_wire
 
@@ -290,9 +291,12 @@ class Service:
         thread_limit: int = 64,
         events_endpoint: str | None = None,
         now: Callable[[], float] = time.time,
+        plugins: Any = None,
         search: Any = None,
     ) -> None:
         self.engine = engine
+        # memosd.plugins.manager.PluginManager; None: items are not checked by form.
+        self.plugins = plugins
         # memosd.index.SearchService, or None (index.enabled = false).
         self.search = search
         # principal -> LSN of its newest acknowledged write (read-your-writes).
@@ -541,6 +545,7 @@ async def _status(svc: Service, call: Call) -> Any:
         "uptime_s": round(svc._now() - svc.started, 3),
         "pid": os.getpid(),
     }
+    result["plugins"] = plugins_result(svc.plugins)["plugins"]
     if call.identity.admin:
         result["inflight"] = svc.inflight()
         result["subscribers"] = svc.subscribers()
@@ -548,6 +553,13 @@ async def _status(svc: Service, call: Call) -> Any:
         if svc.search is not None:
             result["search"] = to_wire(await svc.run(svc.search.status))
     return result
+
+
+@op("plugins", inline=True)
+def _plugins(svc: Service, call: Call) -> Any:
+    """Every plugin the daemon found (docs/plugins.md, "The plugins op")."""
+    call.args.done()
+    return plugins_result(svc.plugins)
 
 
 # --- ops: cubes -----------------------------------------------------------------
@@ -764,6 +776,8 @@ def _add(svc: Service, call: Call) -> Write:
     a.done()
     svc.require(call.identity, cube, "write")
     svc.require_writable()
+    if svc.plugins is not None:  # the item's form checks (and may rewrite) text and payload
+        text = validate_add(svc.plugins, form, text, fields)
     if form is not None:
         fields["form"] = form
     actor = call.identity.principal
@@ -797,6 +811,9 @@ def _update(svc: Service, call: Call) -> Write:
         raise BadRequest("update: argument 'text' must be a string", reason="bad_arg", field="text")
     svc.require(call.identity, cube, "write")
     svc.require_writable()
+    if svc.plugins is not None and ("text" in fields or "payload" in fields):
+        # The form sees the values after the update (docs/plugins.md).
+        validate_update(svc.plugins, svc.engine.get(cube, item_id), fields)
     actor = call.identity.principal
     return Write(
         lambda p: p.update(cube, item_id, actor=actor, expected_version=expected, **fields),

@@ -12,8 +12,19 @@ Fixtures:
 
 * ``memosd_daemon`` - a started daemon (:class:`DaemonHandle`), stopped with
   SIGTERM (then SIGKILL) after the test.
-* ``memosd_daemon_factory`` - ``factory(env=..., config=..., start=True)`` for
-  daemons with custom settings (environment variables or TOML text).
+* ``memosd_daemon_factory`` - ``factory(env=..., config=..., plugins=...,
+  settings=..., pythonpath=..., start=True)`` for daemons with custom
+  settings (environment variables, TOML text, or ``{"dotted.name": value}``)
+  and extra plugin modules (loaded through ``plugins.modules``; ``pythonpath``
+  makes modules that are not installed importable by the daemon).
+* ``memosd_engine`` - an in-process :class:`~memosd.engine.Engine` on a
+  temporary data directory, closed after the test (no daemon).
+* ``memosd_plugins`` - ``load(*modules, config=None)``: a loaded
+  :class:`~memosd.plugins.manager.PluginManager` with the built-ins and the
+  given plugin modules, to test forms and policies in-process.
+
+Plugin authors: ``pytest_plugins = ["memosd.testing"]`` in a ``conftest.py``
+makes all of them available (docs/plugins.md).
 
 Readiness is awaited by polling ``ping`` over the socket with a bound, never
 by sleeping a fixed time.
@@ -29,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +49,15 @@ import pytest
 from memosd.client import Client
 from memosd.errors import MemosError
 
-__all__ = ["DaemonHandle", "memosd_daemon", "memosd_daemon_factory", "wait_until_ready"]
+__all__ = [
+    "DaemonHandle",
+    "memosd_daemon",
+    "memosd_daemon_factory",
+    "memosd_engine",
+    "memosd_plugins",
+    "settings_env",
+    "wait_until_ready",
+]
 
 _SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes on Linux; keep a margin
 
@@ -177,6 +196,20 @@ class DaemonHandle:
             shutil.rmtree(self.run_dir.parent, ignore_errors=True)
 
 
+def settings_env(settings: Mapping[str, Any]) -> dict[str, str]:
+    """``{"plugins.allow": ["facts"]}`` -> ``{"MEMOSD_PLUGINS_ALLOW": "facts"}``."""
+    env: dict[str, str] = {}
+    for name, value in settings.items():
+        if isinstance(value, list | tuple):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        env["MEMOSD_" + name.replace(".", "_").upper()] = text
+    return env
+
+
 @pytest.fixture
 def memosd_daemon_factory(
     tmp_path: Path,
@@ -184,11 +217,25 @@ def memosd_daemon_factory(
     handles: list[DaemonHandle] = []
 
     def factory(
-        *, env: Mapping[str, str] | None = None, config: str | None = None, start: bool = True
+        *,
+        env: Mapping[str, str] | None = None,
+        config: str | None = None,
+        plugins: Sequence[str] = (),
+        settings: Mapping[str, Any] | None = None,
+        pythonpath: Sequence[str | os.PathLike[str]] = (),
+        start: bool = True,
     ) -> DaemonHandle:
         base = tmp_path / f"d{len(handles)}"
         base.mkdir()
-        handle = DaemonHandle(base, env=env, config=config)
+        extra = settings_env(settings or {})
+        if plugins:
+            extra["MEMOSD_PLUGINS_MODULES"] = ",".join(plugins)
+        if pythonpath:
+            inherited = os.environ.get("PYTHONPATH")
+            extra["PYTHONPATH"] = os.pathsep.join(
+                [*(str(p) for p in pythonpath), *([inherited] if inherited else [])]
+            )
+        handle = DaemonHandle(base, env={**extra, **(env or {})}, config=config)
         handles.append(handle)
         if start:
             handle.start()
@@ -203,3 +250,30 @@ def memosd_daemon_factory(
 @pytest.fixture
 def memosd_daemon(memosd_daemon_factory: Callable[..., DaemonHandle]) -> DaemonHandle:
     return memosd_daemon_factory()
+
+
+@pytest.fixture
+def memosd_engine(tmp_path: Path) -> Iterator[Any]:
+    """An in-process storage engine on a temporary data dir (closed after the test)."""
+    from memosd.engine import Engine  # noqa: PLC0415 - only tests that ask pay for LMDB
+
+    engine = Engine.open(tmp_path / "engine")
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def memosd_plugins() -> Callable[..., Any]:
+    """``load(*modules, config=None)``: built-ins + these plugin modules, loaded in-process."""
+    from memosd.plugins.manager import PluginConfig, PluginManager  # noqa: PLC0415
+
+    def load(*modules: str, config: PluginConfig | None = None) -> PluginManager:
+        base = config or PluginConfig()
+        merged = PluginConfig(
+            allow=base.allow, required=base.required, modules=(*base.modules, *modules)
+        )
+        return PluginManager(merged, entry_points=list).load()
+
+    return load

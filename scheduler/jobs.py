@@ -32,6 +32,7 @@ __all__ = [
     "decode_job",
     "encode_job",
     "fail",
+    "job_to_wire",
     "mark_cancelled",
     "new_job",
     "report_progress",
@@ -203,6 +204,14 @@ def requeue_interrupted(job: Job, now_us: int) -> Job:
     return _next(
         job, now_us, JobState.QUEUED, not_before_us=now_us, message="restarted after crash"
     )
+
+
+def job_to_wire(job: Job) -> dict[str, Any]:
+    """The job as the daemon returns it (``memctl jobs``/``job show``): msgpack-safe."""
+    wire: dict[str, Any] = {name: getattr(job, name) for name in _FIELDS}
+    wire["history"] = [[t, s] for t, s in job.history]
+    wire["terminal"] = job.terminal
+    return wire
 
 
 # --- codec -----------------------------------------------------------------------

@@ -14,3 +14,9 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     "$py" -m pip install --quiet --disable-pip-version-check torch==2.13.0
 fi
 "$py" -m pip install --quiet --disable-pip-version-check -e ".${extras:+[$extras]}"
+if [ "$extras" = "dev" ]; then
+    # The example third-party plugin: the plugin tests drive it end to end.
+    "$py" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+        --no-index examples/memosd-facts
+fi
+

@@ -1,0 +1,204 @@
+"""Search latency while a consolidation job runs, versus idle.
+
+Builds one cube of ``--turns`` conversation turns (topics drawn from a small
+vocabulary), evicts them to the mid tier with the plaintext policy (which
+queues a consolidation job in the same commit), then:
+
+1. **idle** - ``--queries`` hybrid searches through ``SearchService`` while
+   no job runs (200 distinct queries, cycled; their embeddings are cached
+   by a warm-up pass, so both phases time the index, fusion and reads);
+2. **consolidating** - the same searches while the ``tiers.consolidate``
+   job (every hot segment in one job) runs in the runner's worker thread;
+
+and prints p50/p95/p99/max per phase plus the job's duration and result.
+Embedder: ``--embedder hashing`` (default; pure Python, holds the GIL - the
+worst case for the request path) or ``minilm`` (the daemon's default).
+
+    .venv/bin/python bench/scheduler_bench.py [--turns 3000] [--queries 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+TOPICS = [
+    "garden greenhouse seedlings mulch pruning compost tomatoes roses",
+    "travel passport itinerary airport lounge suitcase visa ferry",
+    "kitchen recipe sauce spices skillet sourdough pasta curry",
+    "office spreadsheet sprint payroll invoice budget deadline client",
+    "music guitar concert rehearsal album chords melody drums",
+    "fitness running marathon stretching gym protein cycling swim",
+    "family birthday cousins reunion holidays grandparents picnic",
+    "books novel library chapter author poetry bookstore reading",
+]
+FILLER = [
+    "yesterday",
+    "today",
+    "tomorrow",
+    "really",
+    "quite",
+    "maybe",
+    "morning",
+    "evening",
+    "weekend",
+]
+
+
+def turn_text(rng: random.Random, i: int) -> str:
+    words = TOPICS[rng.randrange(len(TOPICS))].split()
+    pick = rng.sample(words, 5) + rng.sample(FILLER, 2)
+    return f"Alice: Turn {i} about {' '.join(pick)}. I noted {pick[0]} and {pick[1]} carefully."
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {
+        "n": len(ordered),
+        "p50": at(0.50),
+        "p95": at(0.95),
+        "p99": at(0.99),
+        "max": ordered[-1] * 1000,
+        "mean": statistics.fmean(ordered) * 1000,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--turns", type=int, default=3000)
+    parser.add_argument("--queries", type=int, default=400)
+    parser.add_argument("--embedder", choices=("hashing", "minilm"), default="hashing")
+    args = parser.parse_args(argv)
+
+    import structlog
+
+    from memosd.embed import Embedder, HashingEmbedder
+    from memosd.engine import Engine
+    from memosd.index import IndexSettings, SearchService
+    from memosd.memcube.model import CubeConfig
+    from memosd.scheduler.policies_builtin import CONSOLIDATE, EVICT, PlaintextTierPolicy
+    from memosd.scheduler.runner import JobRunner
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    embedder: Embedder
+    if args.embedder == "minilm":
+        from memosd.embed import MiniLMEmbedder
+
+        embedder = MiniLMEmbedder()
+    else:
+        embedder = HashingEmbedder(384)
+    rng = random.Random(7)
+    with tempfile.TemporaryDirectory(prefix="schedbench-") as tmp:
+        engine = Engine.open(tmp)
+        search = SearchService(
+            engine, tmp, embedder=embedder, settings=IndexSettings(snapshot_interval_s=0)
+        )
+        search.start()
+        policy = PlaintextTierPolicy(embedder)
+        tier_policy = {
+            "plaintext": {
+                "consolidate_batch": 100_000,
+                "segment_threshold": 0.5,
+                "fact_max_per_segment": 100_000,
+            }
+        }
+        engine.create_cube(
+            "bench",
+            owner="uid:0",
+            config=CubeConfig(
+                embedding_model=embedder.model_name,
+                embedding_dim=embedder.dim,
+                tier_policy=tier_policy,
+            ),
+        )
+        started = time.perf_counter()
+        batch = 200
+        for start in range(0, args.turns, batch):
+            engine.atomic(
+                lambda p, s=start: [
+                    p.add("bench", turn_text(rng, i), session=f"s{i // 100}")
+                    for i in range(s, min(s + batch, args.turns))
+                ]
+            )
+        ingest_s = time.perf_counter() - started
+        # Evict only (no consolidate handler yet): the chained job waits in the queue.
+        handlers = policy.handlers()
+        evictor = JobRunner(engine, {EVICT: handlers[EVICT]})
+        evictor.start()
+        evicted = evictor.run_now(EVICT, "bench", timeout=3600)
+        evictor.close()
+        search.wait_indexed(engine.applied_lsn, timeout=3600)
+        queued = engine.list_jobs(kind=CONSOLIDATE, state="queued")
+        assert queued, "eviction queued no consolidation (no hot segment?)"
+
+        queries = [" ".join(rng.sample(TOPICS[q % len(TOPICS)].split(), 3)) for q in range(200)]
+
+        def measure(stop: threading.Event | None, limit: int) -> list[float]:
+            out = []
+            i = 0
+            while len(out) < limit or (stop is not None and not stop.is_set()):
+                t = time.perf_counter()
+                search.search(["bench"], queries[i % len(queries)], k=10)
+                out.append(time.perf_counter() - t)
+                i += 1
+                if stop is not None and stop.is_set() and len(out) >= 20:
+                    break
+            return out
+
+        # Warm the query-embedding cache (QueryCache) so both phases measure the
+        # same path: index search, fusion and item reads - not first-time embeds.
+        for query in queries:
+            search.search(["bench"], query, k=10)
+        idle = measure(None, args.queries)
+
+        runner = JobRunner(engine, {CONSOLIDATE: handlers[CONSOLIDATE]}, poll_s=0.01)
+        done = threading.Event()
+        runner.add_listener(
+            lambda e: done.set() if e.type in {"succeeded", "failed", "cancelled"} else None
+        )
+        job_started = time.perf_counter()
+        runner.start()
+        busy = measure(done, args.queries)
+        job = runner.wait(queued[0].id, timeout=3600)
+        job_s = time.perf_counter() - job_started
+        runner.close()
+        search.close()
+        engine.close()
+
+    rows: list[tuple[str, dict[str, Any]]] = [
+        ("idle", percentiles(idle)),
+        ("during consolidation", percentiles(busy)),
+    ]
+    print(
+        f"scheduler_bench: {args.turns} turns ({ingest_s:.1f} s ingest), "
+        f"embedder={embedder.model_name}, evicted={evicted.result}"
+    )
+    print(
+        f"consolidation job: {job.state} in {job_s:.2f} s, "
+        f"segments={len(job.result['segments']) if job.result else '?'}, "
+        f"facts added={job.result['added'] if job.result else '?'}"
+    )
+    print()
+    print(
+        f"{'search (hybrid, k=10)':<24}{'n':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+    )
+    for name, stats in rows:
+        print(
+            f"{name:<24}{stats['n']:>6}{stats['p50']:>9.2f}{stats['p95']:>9.2f}"
+            f"{stats['p99']:>9.2f}{stats['max']:>9.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""SIGKILL the process during a consolidation job; after restart it completes exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from memosd.engine import Engine
+from memosd.scheduler.tiers import informative_sentences
+
+CHILD = Path(__file__).with_name("crash_tier_child.py")
+
+
+def test_kill_during_consolidation_then_restart_completes_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), str(data), "block"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    turns: list[str] = []
+    job_id = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # no sleeps: wait for the child to say where it is
+            word, _, rest = line.strip().partition(" ")
+            if word == "turn":
+                turns.append(rest)
+            elif word == "blocking":
+                job_id = rest
+                break
+        assert job_id is not None, "child exited before the consolidation blocked"
+        proc.send_signal(signal.SIGKILL)  # inside the job, before its atomic commit
+    finally:
+        proc.kill()
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(turns) == 20
+
+    # Crash image: the job is "running", none of its effects exist.
+    finish = subprocess.run(
+        [sys.executable, str(CHILD), str(data), "finish", job_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    outcome = json.loads(finish.stdout.strip().splitlines()[-1])
+    assert outcome["state"] == "succeeded"
+    assert outcome["attempts"] == 2
+    assert outcome["history"] == ["queued", "running", "queued", "running", "succeeded"]
+
+    with Engine.open(data) as engine:
+        consolidations = engine.list_jobs(kind="tiers.consolidate", limit=100)
+        assert [j.id for j in consolidations] == [job_id]
+        items = engine.list_items("crash", status=None, limit=1000)
+        # No turn lost or duplicated: the same 20 turns, 10 evicted to mid.
+        turn_items = [i for i in items if i.id in set(turns)]
+        assert sorted(i.id for i in turn_items) == sorted(turns)
+        assert Counter(i.tier for i in turn_items) == {"short": 10, "mid": 10}
+        # The facts of the two hot segments exist exactly once each.
+        facts = [i for i in items if i.tier == "long"]
+        texts = Counter(f.text for f in facts)
+        assert all(n == 1 for n in texts.values())
+        expected = {
+            sentence
+            for t in turn_items
+            if t.tier == "mid"
+            for sentence, _ in informative_sentences(t.text, min_words=4)
+        }
+        assert set(texts) == expected
+        assert len(facts) == 12  # 2 topic anchors + 10 distinct facts
+        assert outcome["result"]["added"] == 12
+        for fact in facts:
+            assert fact.provenance.parents
+            assert {p for p, _ in fact.provenance.parents} <= set(turns)
