@@ -373,7 +373,7 @@ def test_watch_prints_change_events(daemon: DaemonHandle) -> None:
     memctl("cube", "create", "feed", socket=s)
     stop = threading.Event()
 
-    def keep_writing() -> None:  # PUB/SUB: events before the subscription lands are lost
+    def keep_writing() -> None:  # events before the subscription is registered are not delivered
         with daemon.client() as client:
             while not stop.is_set():
                 client.add("feed", "private words")
