@@ -76,7 +76,7 @@ from memosd.store.records import (
     encode_atomic,
 )
 from memosd.store.view import StoreView, TokenRecord
-from memosd.wal import WriteAheadLog
+from memosd.wal import WalRecord, WriteAheadLog
 from memosd.wal.fileio import FileIO
 
 __all__ = [
@@ -255,26 +255,16 @@ class Engine:
             chunk = [r for _, r in zip(range(_REPLAY_TXN_RECORDS), records, strict=False)]
             if not chunk:
                 return replayed
-            while True:
-                txn = self.store.begin_write()
-                try:
-                    view = StoreView(txn, self.store.dbs)
-                    events = []
-                    for record in chunk:
-                        for mutation, payload in decode_record(record.rtype, record.payload):
-                            view.apply(mutation, payload)
-                            events.append(_event_for(mutation, record.lsn))
-                    _record_logged(view, events)
-                except lmdb.MapFullError:
-                    txn.abort()
-                    self.store.grow_map()
-                    continue
-                except BaseException:
-                    txn.abort()
-                    raise
-                self.store.commit(txn)
-                self._release_blobs(view.released_blobs)
-                break
+
+            def apply_chunk(view: StoreView, chunk: list[WalRecord] = chunk) -> None:
+                events = []
+                for record in chunk:
+                    for mutation, payload in decode_record(record.rtype, record.payload):
+                        view.apply(mutation, payload)
+                        events.append(_event_for(mutation, record.lsn))
+                _record_logged(view, events)
+
+            self._release_blobs(self._write_txn(apply_chunk).released_blobs)
             replayed += len(chunk)
             if on_progress is not None:
                 on_progress(f"replayed {replayed} WAL records (up to LSN {chunk[-1].lsn})")
@@ -305,7 +295,7 @@ class Engine:
             elif kind == "side":
                 assert op.payload.side is not None
                 try:
-                    self._unlogged_write(op.payload.side)
+                    self._write_txn(op.payload.side)
                     op.resolve(None)
                 except MemosError as exc:
                     op.fail(exc)
@@ -572,16 +562,20 @@ class Engine:
         except MemosError as exc:
             op.fail(exc)
 
-    def _unlogged_write(self, fn: Callable[[StoreView], None]) -> None:
-        """Run ``fn`` in its own LMDB write txn, without a WAL record.
+    def _write_txn(self, fn: Callable[[StoreView], None]) -> StoreView:
+        """Run ``fn`` in one LMDB write txn and commit it; returns its view.
 
-        Only for derived side data (usage counters, change-log pruning,
-        consumer LSNs) whose loss on power failure is harmless.  Leader only.
+        On ``MapFullError`` (inside ``fn`` or at commit) the map grows and
+        ``fn`` runs again in a fresh txn, so ``fn`` must only write.  Used for
+        replay and for derived side data that has no WAL record (usage
+        counters, change-log pruning, consumer LSNs).  Leader or recovery only.
         """
         while True:
             txn = self.store.begin_write()
+            view = StoreView(txn, self.store.dbs)
             try:
-                fn(StoreView(txn, self.store.dbs))
+                fn(view)
+                self.store.commit(txn)
             except lmdb.MapFullError:
                 txn.abort()
                 self.store.grow_map()
@@ -589,8 +583,7 @@ class Engine:
             except BaseException:
                 txn.abort()
                 raise
-            self.store.commit(txn)
-            return
+            return view
 
     def _flush_usage(self) -> None:
         with self._usage_lock:
@@ -607,7 +600,7 @@ class Engine:
                     cube, item_id, Usage(hits=old.hits + hits, last_hit_us=last_us, heat=old.heat)
                 )
 
-        self._unlogged_write(write)
+        self._write_txn(write)
 
     def _prune_change_log(self, applied: int) -> None:
         def prune(view: StoreView) -> None:
@@ -617,7 +610,7 @@ class Engine:
                 view.prune_changes(horizon)
                 view.set_meta_u64(b"changes_horizon", horizon)
 
-        self._unlogged_write(prune)
+        self._write_txn(prune)
 
     def _wal_bytes(self) -> int:
         total = 0
@@ -675,7 +668,7 @@ class Engine:
             return fn(StoreView(txn, self.store.dbs))
 
     def get_cube(self, name: str) -> MemCube:
-        return self._read(lambda v: _require_cube(v, name))
+        return self._read(lambda v: v.require_cube(name))
 
     def list_cubes(self) -> list[MemCube]:
         return self._read(lambda v: v.cubes())
@@ -684,7 +677,7 @@ class Engine:
         self, cube: str, item_id: str, *, version: int | None = None, as_of_us: int | None = None
     ) -> MemoryItem:
         def read(view: StoreView) -> MemoryItem:
-            _require_cube(view, cube)
+            view.require_cube(cube)
             if version is not None:
                 item = view.version(cube, item_id, version)
                 if item is None:
@@ -697,7 +690,7 @@ class Engine:
                 return found
             item = view.latest(cube, item_id)
             if item is None:
-                raise _item_not_found(view, cube, item_id)
+                raise view.missing_item(cube, item_id)
             if item.status == Status.DELETED:
                 raise NotFound(f"item {item_id} was deleted", reason="deleted")
             return item
@@ -706,10 +699,10 @@ class Engine:
 
     def history(self, cube: str, item_id: str) -> list[MemoryItem]:
         def read(view: StoreView) -> list[MemoryItem]:
-            _require_cube(view, cube)
+            view.require_cube(cube)
             versions = view.history(cube, item_id)
             if not versions:
-                raise _item_not_found(view, cube, item_id)
+                raise view.missing_item(cube, item_id)
             return versions
 
         return self._read(read)
@@ -728,7 +721,7 @@ class Engine:
             raise BadRequest("limit must be >= 0")
 
         def read(view: StoreView) -> list[MemoryItem]:
-            _require_cube(view, cube)
+            view.require_cube(cube)
             out: list[MemoryItem] = []
             for item in view.iter_latest(cube, after):
                 if len(out) >= limit:
@@ -746,7 +739,7 @@ class Engine:
 
     def count_items(self, cube: str) -> dict[str, int]:
         def read(view: StoreView) -> dict[str, int]:
-            _require_cube(view, cube)
+            view.require_cube(cube)
             counts = {str(s): 0 for s in Status}
             for item in view.iter_latest(cube):
                 counts[item.status] = counts.get(item.status, 0) + 1
@@ -755,10 +748,10 @@ class Engine:
         return self._read(read)
 
     def purges(self, cube: str) -> list[PurgeRecord]:
-        return self._read(lambda v: (_require_cube(v, cube), v.purges(cube))[1])
+        return self._read(lambda v: (v.require_cube(cube), v.purges(cube))[1])
 
     def grants(self, cube: str) -> dict[str, str]:
-        return self._read(lambda v: (_require_cube(v, cube), v.grants(cube))[1])
+        return self._read(lambda v: (v.require_cube(cube), v.grants(cube))[1])
 
     def tokens(self) -> list[TokenRecord]:
         return self._read(lambda v: v.tokens())
@@ -768,7 +761,7 @@ class Engine:
 
     def export_cube(self, name: str) -> CubeExport:
         def read(view: StoreView) -> CubeExport:
-            cube = _require_cube(view, name)
+            cube = view.require_cube(name)
             items = [view.history(name, it.id) for it in view.iter_latest(name)]
             return CubeExport(cube, view.grants(name), items, view.purges(name))
 
@@ -1007,19 +1000,6 @@ class Engine:
             for item_id in item_ids:
                 hits, _ = self._pending_hits.get((cube, item_id), (0, at))
                 self._pending_hits[(cube, item_id)] = (hits + 1, at)
-
-
-def _require_cube(view: StoreView, name: str) -> MemCube:
-    cube = view.cube(name)
-    if cube is None:
-        raise NotFound(f"no cube named {name!r}")
-    return cube
-
-
-def _item_not_found(view: StoreView, cube: str, item_id: str) -> NotFound:
-    if view.purge_record(cube, item_id) is not None:
-        return NotFound(f"item {item_id} was purged", reason="purged")
-    return NotFound(f"no item {item_id} in cube {cube!r}")
 
 
 def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:

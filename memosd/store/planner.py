@@ -80,12 +80,6 @@ class Planner:
 
     # -- reads inside the transaction ---------------------------------------------------
 
-    def cube(self, name: str) -> MemCube:
-        cube = self.view.cube(name)
-        if cube is None:
-            raise NotFound(f"no cube named {name!r}")
-        return cube
-
     def require_cube(self, name: str) -> None:
         if not self.view.has_cube(name):
             raise NotFound(f"no cube named {name!r}")
@@ -95,20 +89,15 @@ class Planner:
         self.require_cube(cube)
         item = self.view.latest(cube, item_id)
         if item is None:
-            raise self.item_not_found(cube, item_id)
+            raise self.view.missing_item(cube, item_id)
         return item
 
     def history(self, cube: str, item_id: str) -> list[MemoryItem]:
         self.require_cube(cube)
         versions = self.view.history(cube, item_id)
         if not versions:
-            raise self.item_not_found(cube, item_id)
+            raise self.view.missing_item(cube, item_id)
         return versions
-
-    def item_not_found(self, cube: str, item_id: str) -> NotFound:
-        if self.view.purge_record(cube, item_id) is not None:
-            return NotFound(f"item {item_id} was purged", reason="purged")
-        return NotFound(f"no item {item_id} in cube {cube!r}")
 
     # -- cubes ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import lmdb
 
+from memosd.errors import NotFound
 from memosd.memcube import codec
 from memosd.memcube.model import MemCube, MemoryItem, PurgeRecord, Usage
 from memosd.scheduler.jobs import Job, decode_job, encode_job
@@ -68,6 +69,18 @@ class StoreView:
     def cube(self, name: str) -> MemCube | None:
         raw = self._get("cubes", name.encode())
         return None if raw is None else codec.decode_cube(raw)
+
+    def require_cube(self, name: str) -> MemCube:
+        cube = self.cube(name)
+        if cube is None:
+            raise NotFound(f"no cube named {name!r}")
+        return cube
+
+    def missing_item(self, cube: str, item_id: str) -> NotFound:
+        """The error for an item that is not there: purged, or never was."""
+        if self.purge_record(cube, item_id) is not None:
+            return NotFound(f"item {item_id} was purged", reason="purged")
+        return NotFound(f"no item {item_id} in cube {cube!r}")
 
     def has_cube(self, name: str) -> bool:
         return self.txn.get(name.encode(), db=self.dbs["cubes"]) is not None
