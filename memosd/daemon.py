@@ -54,6 +54,7 @@ from memosd.errors import MemosError
 from memosd.logs import configure_logging
 from memosd.plugins.manager import RequiredPluginError
 from memosd.plugins.runtime import PluginRuntime, load_plugins
+from memosd.scheduling import SchedulerRuntime, open_scheduler
 from memosd.server import Server, ipc_endpoint
 from memosd.service import Service
 from memosd.settings import Settings, SettingsError, load_settings, settings_as_dict
@@ -295,13 +296,32 @@ async def serve(
         plugins = await anyio.to_thread.run_sync(_load_plugins, settings)
         engine = await _open_engine(settings, engine_factory)
         search = None
+        scheduler = None
         try:
             sdnotify.status("loading the search indexes")
             search = await anyio.to_thread.run_sync(open_search, settings, engine)
+            scheduler = open_scheduler(
+                settings.scheduler,
+                engine,
+                plugins=plugins,
+                embedder=search.embedder if search is not None else None,
+            )
             return await _serve_engine(
-                settings, engine, shutdown_trigger, task_status, search=search, plugins=plugins
+                settings,
+                engine,
+                shutdown_trigger,
+                task_status,
+                search=search,
+                plugins=plugins,
+                scheduler=scheduler,
             )
         finally:
+            if scheduler is not None:
+                sdnotify.status("stopping background jobs")
+                try:
+                    await anyio.to_thread.run_sync(scheduler.close)
+                except Exception:
+                    _log.exception("stopping the scheduler failed")
             plugins.close()
             if search is not None:
                 sdnotify.status("writing the search index snapshot")
@@ -334,6 +354,7 @@ async def _serve_engine(
     *,
     search: Any = None,
     plugins: PluginRuntime | None = None,
+    scheduler: SchedulerRuntime | None = None,
 ) -> int:
     prepare_socket_path(settings.socket)
     prepare_socket_path(settings.events_socket)
@@ -344,6 +365,7 @@ async def _serve_engine(
         events_endpoint=ipc_endpoint(settings.events_socket),
         search=search,
         plugins=plugins.manager if plugins is not None else None,
+        scheduler=scheduler,
     )
     server = Server(
         service,
@@ -385,6 +407,9 @@ async def _serve_engine(
         engine.add_listener(server.publish_threadsafe)
         if plugins is not None:
             plugins.attach(engine)  # on_change observers, on their own thread
+        if scheduler is not None:
+            # After recovery and the indexes: jobs interrupted by a crash restart now.
+            await anyio.to_thread.run_sync(scheduler.start, server.publish_threadsafe)
         tg.start_soon(wait_for_trigger)
         tg.start_soon(watch_health)
         interval = sdnotify.watchdog_interval_s()

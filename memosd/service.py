@@ -293,8 +293,11 @@ class Service:
         now: Callable[[], float] = time.time,
         plugins: Any = None,
         search: Any = None,
+        scheduler: Any = None,
     ) -> None:
         self.engine = engine
+        # memosd.scheduling.SchedulerRuntime (job runner + tier scheduler), or None.
+        self.scheduler = scheduler
         # memosd.plugins.manager.PluginManager; None: items are not checked by form.
         self.plugins = plugins
         # memosd.index.SearchService, or None (index.enabled = false).

@@ -58,6 +58,7 @@ __all__ = [
     "IndexSectionSettings",
     "LogSettings",
     "PluginSettings",
+    "SchedulerSettings",
     "ServerSettings",
     "SettingInfo",
     "Settings",
@@ -331,6 +332,43 @@ class PluginSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    """``[scheduler]``: the job runner and the tier scheduler (docs/scheduler.md)."""
+
+    enabled: bool = _setting(
+        True,
+        "Run background jobs and tier policies. Off: jobs stay queued and no tier "
+        "policy runs (queued jobs run when it is turned back on).",
+    )
+    concurrency: int = _setting(
+        2,
+        "Jobs that run at the same time (worker threads; heavy jobs such as LoRA "
+        "training also use a worker process each).",
+        minimum=1,
+        maximum=64,
+    )
+    tick_s: float = _setting(
+        60.0,
+        "How often tier policies are asked for periodic work (heat decay, consolidation, "
+        "forgetting).",
+        unit="s",
+        minimum=0.05,
+    )
+    poll_s: float = _setting(
+        5.0,
+        "Safety-net interval at which the job runner rescans the queue (it is woken on "
+        "every queued job anyway).",
+        unit="s",
+        minimum=0.01,
+    )
+    default_policies: tuple[str, ...] = _setting(
+        ("plaintext",),
+        "Tier policies enabled on a cube whose config does not list its own "
+        "(`tier_policy.policies`).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """All daemon settings.  Build it with :func:`load_settings`."""
 
@@ -354,6 +392,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     index: IndexSectionSettings = field(default_factory=IndexSectionSettings)
     plugins: PluginSettings = field(default_factory=PluginSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
 
 _SECTIONS: Final[dict[str, type[Any]]] = {
@@ -363,6 +402,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "auth": AuthSettings,
     "index": IndexSectionSettings,
     "plugins": PluginSettings,
+    "scheduler": SchedulerSettings,
 }
 
 _PATH_DEFAULT_DOC: Final[dict[str, str]] = {
