@@ -71,9 +71,12 @@ from memosd.memcube.model import MemoryItem
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "FormBlobs",
     "Limits",
     "PortableCube",
+    "check_blobs",
     "dump_cube",
+    "export_blobs",
     "load_cube",
     "read_portable",
 ]
@@ -420,3 +423,67 @@ def _check_counts(
             f"portable file: manifest counts {declared} do not match the contents {actual}",
             reason="checksum_mismatch",
         )
+
+
+# --- blobs of blob-backed forms (KV caches, adapters) --------------------------------------
+
+
+class FormBlobs:
+    """How items name their blobs: a memory form registry, or the generic convention.
+
+    ``roles(item)`` is ``{role: sha256}`` (a form's ``export_blobs``; without a
+    registry, ``payload["blobs"]``); ``check(item, by_role)`` is the form's
+    ``import_blobs`` (sha256 checks by default).
+    """
+
+    def __init__(self, forms: Any = None) -> None:
+        self._forms = forms
+
+    def roles(self, item: MemoryItem) -> dict[str, str]:
+        if self._forms is not None and item.form in self._forms:
+            return dict(self._forms.get(item.form).export_blobs(item))
+        from memosd.plugins.forms import blob_roles  # noqa: PLC0415 - plugins import us late
+
+        return blob_roles(item.payload)
+
+    def check(self, item: MemoryItem, by_role: Mapping[str, bytes]) -> None:
+        if self._forms is not None and item.form in self._forms:
+            self._forms.get(item.form).import_blobs(item, by_role)
+            return
+        for role, sha in self.roles(item).items():
+            data = by_role.get(role)
+            if data is None or _sha256(data) != sha:
+                raise CodecError(
+                    f"item {item.id}: blob {role!r} is missing or does not match its sha256",
+                    reason="missing_blob" if data is None else "bad_blob",
+                )
+
+
+def export_blobs(
+    export: CubeExport, read_blob: Any, forms: FormBlobs | None = None
+) -> dict[str, bytes]:
+    """Every blob the export's item versions reference, read with ``read_blob(sha)``.
+
+    Tombstones and purged items reference nothing; versions that share a blob
+    (an adapter kept across versions, KV chunks reused by prefix) carry it once.
+    """
+    forms = forms or FormBlobs()
+    out: dict[str, bytes] = {}
+    for versions in export.items:
+        for item in versions:
+            for sha in forms.roles(item).values():
+                if sha not in out:
+                    out[sha] = read_blob(sha)
+    return out
+
+
+def check_blobs(
+    export: CubeExport, blobs: Mapping[str, bytes], forms: FormBlobs | None = None
+) -> None:
+    """Before an import: every referenced blob is present and passes its form's check."""
+    forms = forms or FormBlobs()
+    for versions in export.items:
+        for item in versions:
+            roles = forms.roles(item)
+            if roles:
+                forms.check(item, {role: blobs[sha] for role, sha in roles.items() if sha in blobs})

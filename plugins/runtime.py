@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PluginRuntime",
+    "check_forms",
     "load_plugins",
     "plugins_result",
     "validate_add",
@@ -76,6 +77,26 @@ def validate_update(manager: PluginManager, current: MemoryItem, fields: dict[st
         fields["text"] = new_text
     if "payload" in fields:
         fields["payload"] = new_payload
+
+
+def check_forms(forms: Any, export: Any) -> None:
+    """Before an import: every live item version passes its form's validation.
+
+    An unknown form, or a version its form rejects, is ``bad_request`` naming
+    the item (nothing is imported).  Tombstones carry no content to check.
+    """
+    for versions in export.items:
+        for item in versions:
+            if item.status == "deleted":
+                continue
+            try:
+                forms.validate(item.form, item.text, item.payload)
+            except BadRequest as exc:
+                raise BadRequest(
+                    f"import: item {item.id} version {item.version}: {exc.message}",
+                    reason=exc.reason or "bad_item",
+                    item=item.id,
+                ) from None
 
 
 def plugins_result(manager: PluginManager | None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ search still works, dense search raises ``BadRequest(reason="embedding_mismatch"
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,20 +23,33 @@ from memosd.index.bm25 import BM25Index
 from memosd.index.dense import DenseIndex
 from memosd.memcube.model import MemoryItem
 
-__all__ = ["CubeIndex", "embedding_mismatch", "indexed_text"]
+__all__ = ["CubeIndex", "FormText", "embedding_mismatch", "indexed_text"]
 
 
-def indexed_text(item: MemoryItem, context_key: str | None) -> str:
-    """What is indexed for ``item``: its text plus its retrieval context, if any.
+#: What a memory form says search should index for an item (None: keep it out).
+FormText = Callable[[MemoryItem], "str | None"]
 
-    The context (``item.metadata[context_key]``, a string) helps find the item
-    - e.g. the conversation turn it answers - without being part of it.
+
+def indexed_text(
+    item: MemoryItem, context_key: str | None, form_text: FormText | None = None
+) -> str | None:
+    """What is indexed for ``item``: its form's index text plus its retrieval context.
+
+    ``form_text`` is the daemon's form registry (``MemoryForm.index_text``:
+    a plugin form may index a text derived from its payload, and blob-backed
+    forms are kept out of search); without one, the item's text.  ``None``
+    (or blank) means the item is not indexed.  The context
+    (``item.metadata[context_key]``, a string) helps find the item - e.g.
+    the conversation turn it answers - without being part of it.
     """
+    text = item.text if form_text is None else form_text(item)
+    if text is None or not text.strip():
+        return None
     if context_key:
         context = item.metadata.get(context_key)
         if isinstance(context, str) and context.strip():
-            return f"{item.text}\n{context}"
-    return item.text
+            return f"{text}\n{context}"
+    return text
 
 
 def embedding_mismatch(

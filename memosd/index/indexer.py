@@ -50,7 +50,7 @@ import structlog
 
 from memosd.embed import Embedder
 from memosd.errors import Conflict, MemosError, NotFound, Unavailable
-from memosd.index.cube import CubeIndex, embedding_mismatch, indexed_text
+from memosd.index.cube import CubeIndex, FormText, embedding_mismatch, indexed_text
 from memosd.index.dense import DenseIndex
 from memosd.index.settings import IndexSettings
 from memosd.index.snapshot import LoadedSnapshot, load_snapshot, write_snapshot
@@ -76,11 +76,13 @@ class Indexer:
         root: Path,
         embedder: Embedder,
         settings: IndexSettings,
+        form_text: FormText | None = None,
     ) -> None:
         self.engine = engine
         self.root = root
         self.embedder = embedder
         self.settings = settings
+        self.form_text = form_text
         self._dense_settings = settings.dense_settings()
         self.cubes: dict[str, CubeIndex] = {}
         self._cubes_lock = threading.Lock()
@@ -395,17 +397,18 @@ class Indexer:
             except NotFound:
                 cube.remove(item_id)
                 continue
-            if item.status != "active" or not item.text.strip():
+            text = self._text(item) if item.status == "active" else None
+            if text is None:
                 cube.remove(item_id)
                 continue
             if cube.version_of(item_id) == item.version:
                 continue
-            jobs.append((cube, item_id, item.version, self._text(item)))
+            jobs.append((cube, item_id, item.version, text))
         pending.clear()
         self._index_jobs(jobs)
 
-    def _text(self, item: MemoryItem) -> str:
-        return indexed_text(item, self.settings.context_key)
+    def _text(self, item: MemoryItem) -> str | None:
+        return indexed_text(item, self.settings.context_key, self.form_text)
 
     def _embed(self, texts: list[str]) -> np.ndarray[Any, np.dtype[np.float32]]:
         size = self.settings.batch_size
@@ -457,9 +460,9 @@ class Indexer:
             except NotFound:
                 return  # dropped meanwhile; its drop event follows
             jobs = [
-                (fresh, it.id, it.version, self._text(it))
+                (fresh, it.id, it.version, text)
                 for it in page
-                if it.text.strip() and fresh.version_of(it.id) != it.version
+                if fresh.version_of(it.id) != it.version and (text := self._text(it)) is not None
             ]
             self._index_jobs(jobs)
             done += len(page)

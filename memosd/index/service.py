@@ -50,7 +50,7 @@ import numpy as np
 from memosd.embed import Embedder, MiniLMEmbedder, QueryCache
 from memosd.errors import BadRequest, NotFound, TooLarge, Unavailable
 from memosd.index.bm25 import BM25Index, tokenize
-from memosd.index.cube import CubeIndex, embedding_mismatch, indexed_text
+from memosd.index.cube import CubeIndex, FormText, embedding_mismatch, indexed_text
 from memosd.index.filters import SearchFilters, matches, needs_history, validate_filters
 from memosd.index.fusion import (
     Boosts,
@@ -95,15 +95,17 @@ class SearchService:
         *,
         embedder: Embedder | None = None,
         settings: IndexSettings | None = None,
+        form_text: FormText | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings or IndexSettings()
+        self.form_text = form_text
         if embedder is None:
             embedder = MiniLMEmbedder(threads=self.settings.embed_threads)
         self.embedder: Embedder = embedder
         self.root = Path(data_dir) / "index"
         self.queries = QueryCache(embedder, self.settings.query_cache_size)
-        self.indexer = Indexer(engine, self.root, embedder, self.settings)
+        self.indexer = Indexer(engine, self.root, embedder, self.settings, form_text)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -409,13 +411,18 @@ class SearchService:
         for name in names:
             for item in self._scan_versions(name, filters):
                 items[(name, item.id)] = item
-        keys = [key for key, item in items.items() if item.text.strip()]
+        texts: dict[Key, str] = {}
+        for key, item in items.items():
+            text = indexed_text(item, self.settings.context_key, self.form_text)
+            if text is not None:
+                texts[key] = text
+        keys = list(texts)
         dense: list[tuple[Key, float]] = []
         lexical: list[tuple[Key, float]] = []
         if mode != "dense":
             bm25 = BM25Index()
             for label, key in enumerate(keys):
-                bm25.add(label, indexed_text(items[key], self.settings.context_key))
+                bm25.add(label, texts[key])
             lexical = [(keys[label], s) for label, s in bm25.search(query, len(keys))]
         if mode != "lexical" and keys:
             for name in names:
@@ -425,12 +432,7 @@ class SearchService:
             vector = self.queries.embed_query(query)
             vectors = np.concatenate(
                 [
-                    self.embedder.embed(
-                        [
-                            indexed_text(items[key], self.settings.context_key)
-                            for key in keys[i : i + 256]
-                        ]
-                    )
+                    self.embedder.embed([texts[key] for key in keys[i : i + 256]])
                     for i in range(0, len(keys), 256)
                 ]
             )

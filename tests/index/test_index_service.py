@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,7 @@ from memosd.engine import Engine
 from memosd.errors import BadRequest, NotFound, Unavailable
 from memosd.index import Boosts, IndexSettings, SearchFilters, SearchService
 from memosd.memcube.model import CubeConfig
+from memosd.plugins.manager import PluginConfig, PluginManager
 
 SETTINGS = IndexSettings(snapshot_interval_s=0, batch_wait_s=0.001)
 
@@ -262,3 +264,32 @@ def test_filters_that_skip_many_candidates_return_no_duplicates(
         ["notes"], "nothing matches zzz", mode="lexical", boosts=Boosts(heat=1)
     )
     assert boosted == []
+
+
+def test_forms_decide_what_is_indexed(
+    engine: Engine, tmp_path: Path, embedder: HashingEmbedder
+) -> None:
+    forms = PluginManager(PluginConfig(), entry_points=list).load().forms
+    derived = {"quote": lambda item: f"{item.payload['who']} said {item.text}"}
+
+    def form_text(item: Any) -> str | None:
+        if item.form in derived:
+            return derived[item.form](item)
+        return forms.index_text(item)  # type: ignore[no-any-return]
+
+    svc = SearchService(
+        engine, tmp_path / "data", embedder=embedder, settings=SETTINGS, form_text=form_text
+    )
+    svc.start()
+    try:
+        engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
+        engine.add("notes", "adapter weights of zebra", form="parameter", payload={"blobs": {}})
+        engine.add("notes", "hello there", form="quote", payload={"who": "zebra"})
+        engine.add("notes", "a plain zebra note")
+        lsn = engine.applied_lsn
+        for mode in ("hybrid", "lexical", "dense"):
+            hits = svc.search(["notes"], "zebra", wait_for_lsn=lsn, mode=mode)
+            # The blob-backed item is kept out; the quote is found by its derived text.
+            assert sorted(_texts(hits)) == ["a plain zebra note", "hello there"], mode
+    finally:
+        svc.close()
