@@ -31,6 +31,17 @@ matched on ``hit.item.metadata["dia_id"]``.  ``--in-process``: the same
 against ``Engine`` + ``SearchService`` directly (no IPC; allows tuning
 ``--rrf-k``/``--dense-weight``/``--lexical-weight``, which the daemon does
 not expose).
+
+``--tiers`` (daemon only): the same ingest with the daemon's scheduler and
+the plaintext tier policy on (``--tier-setting name=value`` overrides its
+settings per cube); after ingest every cube's background jobs are waited
+for, ``tier run CUBE plaintext`` settles what is left, and the search index
+catches up with the migrations.  Then the questions are asked (hybrid only
+by default) over all tiers.  A long-term fact found by a search stands for
+the turns it came from (its provenance parents), so a fact ranked above
+its source turns counts for them.  The report adds the short/mid/long item
+counts, segments and facts.  Compare with a flat run (``--modes hybrid``
+without ``--tiers``).
 """
 
 from __future__ import annotations
@@ -153,9 +164,14 @@ class Daemon:
 
     label = "through the daemon (memosd subprocess, ipc socket)"
 
-    def __init__(self, data_dir: Path, fusion: str | None) -> None:
+    def __init__(
+        self, data_dir: Path, fusion: str | None, tiers: dict[str, Any] | None = None
+    ) -> None:
         from memosd.client import Client
         from memosd.index import IndexSettings
+
+        self.tiers = tiers
+        self.dia: dict[str, dict[str, str]] = defaultdict(dict)  # cube -> item id -> dia_id
 
         # What memosd.daemon.open_search builds from the [index] section.
         self.settings = IndexSettings() if fusion is None else IndexSettings(fusion=fusion)
@@ -165,7 +181,12 @@ class Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMOSD_", "NOTIFY_"))}
         env.update(
             MEMOSD_INDEX_EMBEDDER="minilm",
-            MEMOSD_INDEX_WAIT_TIMEOUT_S="600",
+            MEMOSD_INDEX_WAIT_TIMEOUT_S="3600",
+            # The first search waits for MiniLM to index every turn: minutes on a busy box.
+            MEMOSD_SERVER_REQUEST_TIMEOUT_S="3600",
+            # The flat run: no tier policy (they add segment and fact items, which are
+            # not dialog turns); `--tiers` measures tiering.
+            MEMOSD_SCHEDULER_ENABLED="0" if tiers is None else "1",
             MEMOSD_INDEX_FUSION=self.settings.fusion,
             MEMOSD_LOG_FORMAT="json",
             MEMOSD_LOG_LEVEL="warning",
@@ -175,7 +196,7 @@ class Daemon:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         # Generous per-call timeout: the first search after ingest waits for the indexer.
-        self.client = Client(self.socket, timeout=900.0)
+        self.client = Client(self.socket, timeout=3600.0)
         try:
             self._wait_ready(300.0)
         except BaseException:
@@ -206,19 +227,72 @@ class Daemon:
             return "no log"
 
     def create_cube(self, name: str) -> None:
-        self.client.create_cube(name)  # the daemon fills in the embedder's config
+        if self.tiers is None:
+            self.client.create_cube(name)  # the daemon fills in the embedder's config
+            return
+        model = self.client.status()["search"]["embedder"]
+        config = {
+            "embedding_model": model["model"],
+            "embedding_dim": model["dim"],
+            "tier_policy": {"policies": ["plaintext"], "plaintext": self.tiers},
+        }
+        self.client.create_cube(name, config=config)
 
     def add(self, cube: str, text: str, **kwargs: Any) -> None:
-        self.client.add(cube, text, source="locomo", **kwargs)
+        item = self.client.add(cube, text, source="locomo", **kwargs)
+        self.dia[cube][item.id] = str(kwargs["metadata"]["dia_id"])
 
     def wait_indexed(self, cubes: list[str]) -> bool:
         # Read-your-writes: this search waits until all of our adds are indexed.
         self.client.search(cubes[0], "warm-up", k=1, mode="lexical")
         return True
 
+    def settle_tiers(self, cubes: list[str]) -> dict[str, Any]:
+        """Wait for the background tier jobs, run the policy once more, let the index catch up."""
+        t0 = time.monotonic()
+        while self.client.jobs(state="queued", limit=1) or self.client.jobs(
+            state="running", limit=1
+        ):
+            time.sleep(0.5)
+        background_s = time.monotonic() - t0
+        for cube in cubes:
+            self.client.tier_run(cube, "plaintext", timeout=3000)
+        while True:  # the migrations are the scheduler's writes, not ours: wait for the index
+            search = self.client.status()["search"]
+            if search.get("lag") == 0:
+                break
+            time.sleep(0.5)
+        totals: dict[str, Any] = {"short": 0, "mid": 0, "long": 0, "segments": 0, "facts": 0}
+        for cube in cubes:
+            report = self.client.tier_report(cube)["plaintext"]
+            for tier in ("short", "mid", "long"):
+                totals[tier] += report[tier]["items"]["active"]
+            totals["segments"] += report["mid"].get("segments", 0)
+            totals["facts"] += report["long"].get("facts", 0)
+        failed = self.client.jobs(state="failed", limit=1000)
+        kinds: dict[str, int] = defaultdict(int)
+        for job in self.client.jobs(limit=1000):
+            kinds[job["kind"]] += 1
+        totals.update(
+            background_wait_s=round(background_s, 1),
+            settle_s=round(time.monotonic() - t0, 1),
+            failed_jobs=len(failed),
+            jobs_newest_1000=dict(kinds),
+        )
+        return totals
+
     def search(self, cube: str, query: str, k: int, mode: str) -> list[str]:
         hits = self.client.search(cube, query, k=k, mode=mode)
-        return [str(h.item.metadata["dia_id"]) for h in hits]
+        out: list[str] = []
+        for hit in hits:
+            dia = hit.item.metadata.get("dia_id")
+            if dia is not None:
+                out.append(str(dia))
+            elif hit.item.metadata.get("tier_kind") == "fact":
+                # A fact stands for the turns it was consolidated from.
+                names = self.dia[cube]
+                out += [names[p[0]] for p in hit.item.provenance.parents if p[0] in names]
+        return out
 
     def close(self) -> None:
         self.client.close()
@@ -265,7 +339,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lexical-weight", type=float, default=None, help="--in-process only")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
     parser.add_argument("--data-dir", type=Path, default=None, help="keep the store here")
+    parser.add_argument(
+        "--tiers", action="store_true", help="ingest with the plaintext tier policy on (daemon)"
+    )
+    parser.add_argument(
+        "--tier-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a plaintext policy setting for --tiers (VALUE is JSON, e.g. mid_capacity=20)",
+    )
     args = parser.parse_args(argv)
+    if args.tiers and args.in_process:
+        parser.error("--tiers runs through the daemon (its scheduler); drop --in-process")
+    tier_settings: dict[str, Any] = {}
+    for pair in args.tier_setting:
+        name, _, raw = pair.partition("=")
+        try:
+            tier_settings[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            tier_settings[name] = raw
+    if args.tiers and args.modes == ",".join(MODES):
+        args.modes = "hybrid"
     tuning = (args.rrf_k, args.dense_weight, args.lexical_weight)
     if not args.in_process and any(v is not None for v in tuning):
         parser.error("--rrf-k/--dense-weight/--lexical-weight need --in-process")
@@ -304,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                 settings = replace(settings, **{name: value})
         backend = InProcess(data_dir, settings)
     else:
-        backend = Daemon(data_dir, args.fusion)
+        backend = Daemon(data_dir, args.fusion, tier_settings if args.tiers else None)
     settings = backend.settings
+    tier_counts: dict[str, Any] | None = None
     try:
         # --- ingest -------------------------------------------------------------------
         cubes = [f"locomo-{conv['sample_id']}" for conv in data]
@@ -333,13 +429,26 @@ def main(argv: list[str] | None = None) -> int:
         turns = len(adds)
         t0 = time.monotonic()
         threads = 1 if args.in_process else max(1, args.threads)
+        # Conversations in parallel, each one's turns in order (as a chat app writes
+        # them): session order is what neighbour smoothing (index.neighbour_weight) uses.
+        per_cube: dict[str, list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)
+        for add in adds:
+            per_cube[add[0]].append(add)
+
+        def ingest(conversation: list[tuple[str, str, dict[str, Any]]]) -> None:
+            for cube, text, kwargs in conversation:
+                backend.add(cube, text, **kwargs)
+
         with ThreadPoolExecutor(threads) as pool:
-            for _ in pool.map(lambda a: backend.add(a[0], a[1], **a[2]), adds):
+            for _ in pool.map(ingest, per_cube.values()):
                 pass
         write_s = time.monotonic() - t0
         if not backend.wait_indexed(cubes):
             print("indexing did not finish", file=sys.stderr)
             return 1
+        if args.tiers:
+            assert isinstance(backend, Daemon)
+            tier_counts = backend.settle_tiers(cubes)
         ingest_s = time.monotonic() - t0
 
         # --- questions ----------------------------------------------------------------
@@ -425,6 +534,16 @@ def main(argv: list[str] | None = None) -> int:
             }
             cells = " | ".join(f"{per_k[k]:.3f}" for k in KS)
             print(f"| {row} | {n} | {mode} | {cells} | {nd:.3f} |")
+    if tier_counts is not None:
+        print(
+            f"\ntiers after ingest (settings {tier_settings or 'defaults'}): "
+            f"short {tier_counts['short']}, mid {tier_counts['mid']}, long "
+            f"{tier_counts['long']} active items ({tier_counts['facts']} facts), "
+            f"{tier_counts['segments']} mid segments; failed jobs {tier_counts['failed_jobs']}; "
+            f"jobs (newest 1000) {tier_counts['jobs_newest_1000']}; waited "
+            f"{tier_counts['background_wait_s']} s for background jobs, settled in "
+            f"{tier_counts['settle_s']} s"
+        )
     print(
         f"\nwrite {turns} turns ({threads} thread(s)): {write_s:.1f} s; written + indexed "
         f"(MiniLM): {ingest_s:.1f} s ({turns / ingest_s:.0f} turns/s); "
@@ -444,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
                         "rrf_k": settings.rrf_k,
                         "dense_weight": settings.dense_weight,
                         "lexical_weight": settings.lexical_weight,
+                        "tiers": tier_settings if args.tiers else None,
                     },
+                    "tier_counts": tier_counts,
                     "questions": n_questions,
                     "skipped_without_evidence": skipped,
                     "results": results,

@@ -11,6 +11,7 @@ search still works, dense search raises ``BadRequest(reason="embedding_mismatch"
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -83,6 +84,10 @@ class CubeIndex:
         self.lock = threading.Lock()
         self.by_item: dict[str, tuple[int, int]] = {}
         self.by_label: dict[int, str] = {}
+        # Conversation order: each session's indexed item ids, sorted (ids are
+        # time-ordered ULIDs, so this is write order), for neighbour smoothing.
+        self.session_of: dict[str, str] = {}
+        self.sessions: dict[str, list[str]] = {}
         self.next_label = 1
         self.dirty = True
 
@@ -97,8 +102,13 @@ class CubeIndex:
         self,
         entries: Sequence[tuple[str, int, str]],
         vectors: npt.NDArray[np.float32] | None,
+        sessions: Sequence[str | None] | None = None,
     ) -> None:
-        """Index ``(item_id, version, text)`` entries; ``vectors`` row-aligned (or None)."""
+        """Index ``(item_id, version, text)`` entries; ``vectors`` row-aligned (or None).
+
+        ``sessions`` (row-aligned) are the items' provenance sessions, which
+        place them in their conversation for :meth:`neighbours`.
+        """
         if not entries:
             return
         if self.dense is not None and vectors is None:
@@ -106,7 +116,8 @@ class CubeIndex:
         labels: list[int] = []
         stale: list[int] = []
         with self.lock:
-            for item_id, version, text in entries:
+            for row, (item_id, version, text) in enumerate(entries):
+                self._set_session(item_id, sessions[row] if sessions is not None else None)
                 old = self.by_item.get(item_id)
                 if old is not None:
                     stale.append(old[0])
@@ -124,8 +135,36 @@ class CubeIndex:
                 self.dense.remove(stale)
             self.dense.add(labels, vectors)
 
+    def _set_session(self, item_id: str, session: str | None) -> None:
+        """Move ``item_id`` to ``session``'s ordered list (None: out of every session)."""
+        current = self.session_of.get(item_id)
+        if current == session:
+            return
+        if current is not None:
+            members = self.sessions[current]
+            del members[bisect.bisect_left(members, item_id)]
+            if not members:
+                del self.sessions[current]
+            del self.session_of[item_id]
+        if session is not None:
+            bisect.insort(self.sessions.setdefault(session, []), item_id)
+            self.session_of[item_id] = session
+
+    def neighbours(self, item_id: str) -> tuple[str | None, str | None]:
+        """The items indexed just before and after ``item_id`` in its session."""
+        with self.lock:
+            session = self.session_of.get(item_id)
+            if session is None:
+                return None, None
+            members = self.sessions[session]
+            at = bisect.bisect_left(members, item_id)
+            before = members[at - 1] if at > 0 else None
+            after = members[at + 1] if at + 1 < len(members) else None
+            return before, after
+
     def remove(self, item_id: str) -> bool:
         with self.lock:
+            self._set_session(item_id, None)
             old = self.by_item.pop(item_id, None)
             if old is None:
                 return False

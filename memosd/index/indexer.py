@@ -64,6 +64,8 @@ CONSUMER_NAME: Final = "index"
 _ITEM_EVENTS: Final = frozenset({"item_written", "item_deleted", "item_purged"})
 _REBUILD_PAGE: Final = 512
 _CATCH_UP_PAGE: Final = 10_000
+# (cube, item id, version, indexed text, provenance session)
+_Job = tuple[CubeIndex, str, int, str, str | None]
 _PROGRESS_EVERY_S: Final = 5.0
 
 
@@ -387,7 +389,7 @@ class Indexer:
     def _flush(self, pending: dict[tuple[str, str], None]) -> None:
         if not pending:
             return
-        jobs: list[tuple[CubeIndex, str, int, str]] = []
+        jobs: list[_Job] = []
         for cube_name, item_id in pending:
             cube = self._ensure_cube(cube_name)
             if cube is None:
@@ -403,7 +405,7 @@ class Indexer:
                 continue
             if cube.version_of(item_id) == item.version:
                 continue
-            jobs.append((cube, item_id, item.version, text))
+            jobs.append((cube, item_id, item.version, text, item.provenance.session))
         pending.clear()
         self._index_jobs(jobs)
 
@@ -422,21 +424,24 @@ class Indexer:
             return np.zeros((0, self.embedder.dim), dtype=np.float32)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _index_jobs(self, jobs: list[tuple[CubeIndex, str, int, str]]) -> None:
+    def _index_jobs(self, jobs: list[_Job]) -> None:
         if not jobs:
             return
         need = [j for j in jobs if j[0].dense is not None]
         vectors = self._embed([j[3] for j in need])
         row = {id(j): i for i, j in enumerate(need)}
-        by_cube: dict[str, tuple[CubeIndex, list[tuple[str, int, str]], list[int]]] = {}
+        by_cube: dict[
+            str, tuple[CubeIndex, list[tuple[str, int, str]], list[int], list[str | None]]
+        ] = {}
         for job in jobs:
-            cube, item_id, version, text = job
-            entry = by_cube.setdefault(cube.name, (cube, [], []))
+            cube, item_id, version, text, session = job
+            entry = by_cube.setdefault(cube.name, (cube, [], [], []))
             entry[1].append((item_id, version, text))
+            entry[3].append(session)
             if id(job) in row:
                 entry[2].append(row[id(job)])
-        for cube, entries, rows in by_cube.values():
-            cube.upsert_many(entries, vectors[rows] if cube.dense is not None else None)
+        for cube, entries, rows, sessions in by_cube.values():
+            cube.upsert_many(entries, vectors[rows] if cube.dense is not None else None, sessions)
 
     def _rebuild_cube(self, name: str, *, cubes_left: int = 0) -> None:
         fresh = self._new_cube_index(name)
@@ -460,7 +465,7 @@ class Indexer:
             except NotFound:
                 return  # dropped meanwhile; its drop event follows
             jobs = [
-                (fresh, it.id, it.version, text)
+                (fresh, it.id, it.version, text, it.provenance.session)
                 for it in page
                 if fresh.version_of(it.id) != it.version and (text := self._text(it)) is not None
             ]

@@ -356,6 +356,8 @@ class SearchService:
                     components[f"{name}_rank"] = float(rank)
                 ranked.append((key, score, components))
 
+        if self.settings.neighbour_weight > 0 and ranked:
+            ranked = self._smooth_by_neighbours(ranked, explain=explain)
         boosting = boosts is not None and boosts.active
         now_us = time.time_ns() // 1000
         if boosts is not None and boosts.now_us is not None:
@@ -394,6 +396,33 @@ class SearchService:
         if boosting:
             hits.sort(key=lambda h: -h.score)
         return hits[:k]
+
+    def _smooth_by_neighbours(
+        self, ranked: list[tuple[Key, float, dict[str, float]]], *, explain: bool
+    ) -> list[tuple[Key, float, dict[str, float]]]:
+        """Add ``neighbour_weight`` x the best candidate score among each candidate's
+        session neighbours (the items just before and after it), then re-rank."""
+        weight = self.settings.neighbour_weight
+        base = {key: score for key, score, _ in ranked}
+        out: list[tuple[Key, float, dict[str, float]]] = []
+        cubes: dict[str, CubeIndex | None] = {}
+        for key, score, components in ranked:
+            cube_name, item_id = key
+            if cube_name not in cubes:
+                cubes[cube_name] = self.indexer.cube(cube_name)
+            cube = cubes[cube_name]
+            bonus = 0.0
+            if cube is not None:
+                for other in cube.neighbours(item_id):
+                    if other is not None:
+                        bonus = max(bonus, base.get((cube_name, other), 0.0))
+            if bonus > 0:
+                components["neighbour"] = weight * bonus
+                if explain:
+                    components["before_neighbour"] = score
+            out.append((key, score + weight * bonus, components))
+        out.sort(key=lambda entry: -entry[1])  # stable: ties keep the fused order
+        return out
 
     def _search_history(
         self,

@@ -109,7 +109,12 @@ def _write_cube(root: Path, cube: CubeIndex, gen: str) -> dict[str, Any]:
         )
         ids = list(cube.by_item)
         versions = [version for _, version in cube.by_item.values()]
-        items = {"ids": ids, "versions": versions, "next_label": cube.next_label}
+        items = {
+            "ids": ids,
+            "versions": versions,
+            "next_label": cube.next_label,
+            "sessions": [cube.session_of.get(item_id) for item_id in ids],
+        }
         bm25 = msgpack.packb(cube.bm25.to_state(), use_bin_type=True)
         cube.dirty = False
     name = f"{gen}.labels.npy"
@@ -238,6 +243,14 @@ def _load_cube(
         cube.by_item[str(item_id)] = (int(label), int(version))
         cube.by_label[int(label)] = str(item_id)
     cube.next_label = int(items["next_label"])
+    sessions = items.get("sessions")  # absent in snapshots of older releases
+    if sessions is not None:
+        for item_id, session in zip(items["ids"], sessions, strict=True):
+            if session is not None:
+                cube.session_of[str(item_id)] = str(session)
+                cube.sessions.setdefault(str(session), []).append(str(item_id))
+        for members in cube.sessions.values():
+            members.sort()
     cube.dirty = False
     if len(bm25) != len(cube.by_item) or (dense is not None and len(dense) != len(cube.by_item)):
         raise CorruptionError("index parts disagree on the number of items")

@@ -293,3 +293,59 @@ def test_forms_decide_what_is_indexed(
             assert sorted(_texts(hits)) == ["a plain zebra note", "hello there"], mode
     finally:
         svc.close()
+
+
+def _conversation(engine: Engine) -> dict[str, str]:
+    """Two sessions; "gamma" appears once in each, once next to an "alpha" turn."""
+    ids = {}
+    for name, text, session in (
+        ("u1", "gamma", "s2"),
+        ("t0", "unrelated opener", "s1"),
+        ("t1", "alpha", "s1"),
+        ("t2", "gamma", "s1"),
+        ("u2", "closing words", "s2"),
+    ):
+        ids[name] = engine.add("notes", text, session=session).id
+    return ids
+
+
+def test_session_neighbours_lift_the_turn_next_to_a_match(engine: Engine, tmp_path: Path) -> None:
+    for weight, expected in ((0.0, "u1"), (0.3, "t2")):
+        settings = IndexSettings(snapshot_interval_s=0, neighbour_weight=weight)
+        svc = SearchService(
+            engine, tmp_path / f"data{weight}", embedder=HashingEmbedder(64), settings=settings
+        )
+        svc.start()
+        if not engine.list_cubes():
+            engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
+            ids = _conversation(engine)
+        hits = svc.search(["notes"], "alpha gamma", wait_for_lsn=engine.applied_lsn, mode="lexical")
+        by_id = {h.item.id: h for h in hits}
+        # Both "gamma" turns score the same on their own; the one next to "alpha" wins
+        # only with smoothing, and says why.
+        gammas = [h.item.id for h in hits if h.item.text == "gamma"]
+        assert gammas[0] == ids[expected], weight
+        assert ("neighbour" in by_id[ids["t2"]].components) == (weight > 0)
+        cube = svc.indexer.cube("notes")
+        assert cube is not None
+        assert cube.neighbours(ids["t1"]) == (ids["t0"], ids["t2"])
+        assert cube.neighbours(ids["u1"]) == (None, ids["u2"])
+        svc.close()
+
+
+def test_session_order_survives_snapshots_and_deletes(engine: Engine, tmp_path: Path) -> None:
+    svc = SearchService(engine, tmp_path / "data", embedder=HashingEmbedder(64), settings=SETTINGS)
+    svc.start()
+    engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
+    ids = _conversation(engine)
+    svc.wait_indexed(engine.applied_lsn, 10)
+    svc.close()  # snapshot
+    engine.delete("notes", ids["t1"])
+    svc2 = SearchService(engine, tmp_path / "data", embedder=HashingEmbedder(64), settings=SETTINGS)
+    svc2.start()
+    assert svc2.wait_ready(10)
+    cube = svc2.indexer.cube("notes")
+    assert cube is not None
+    assert cube.neighbours(ids["t0"]) == (None, ids["t2"])  # t1's gap closed
+    assert cube.neighbours(ids["u2"]) == (ids["u1"], None)
+    svc2.close()
