@@ -108,6 +108,8 @@ REVISABLE_FIELDS: Final = (
 )
 
 _ALL_FIELDS: Final = tuple(f.name for f in fields(MemoryItem))
+_ACTIVE: Final = Status.ACTIVE.value
+_NO_USAGE: Final = Usage()  # immutable: every new item can share it
 
 
 def new_item(
@@ -140,25 +142,32 @@ def new_item(
         raise BadRequest(f"not a valid item id: {id!r}", reason="bad_id")
     now = validate_time(now_us, "now_us")
     valid_from, valid_to = validate_validity(valid_from_us, valid_to_us)
+    # Empty tags and parents (most adds) need no validation: skip the calls.
     return MemoryItem(
-        id=id,
-        cube=validate_cube_name(cube),
-        version=1,
-        form=validate_form_name(form),
-        tier=validate_tier(tier),
-        status=Status.ACTIVE.value,
-        text=validate_text(text),
-        metadata=validate_metadata(metadata),
-        payload=validate_payload(payload),
-        created_us=now,
-        recorded_us=now,
-        valid_from_us=valid_from,
-        valid_to_us=valid_to,
-        provenance=_provenance(source, actor, session, validate_parents(tuple(parents)), operation),
-        usage=Usage(),
-        tags=validate_tags(tuple(tags) if not isinstance(tags, str) else tags),
-        importance=validate_importance(importance),
-        ttl_s=validate_ttl(ttl_s),
+        id,
+        validate_cube_name(cube),
+        1,
+        validate_form_name(form),
+        validate_tier(tier),
+        _ACTIVE,
+        validate_text(text),
+        validate_metadata(metadata),
+        validate_payload(payload),
+        now,
+        now,
+        valid_from,
+        valid_to,
+        _provenance(
+            source,
+            actor,
+            session,
+            () if _is_empty_seq(parents) else validate_parents(tuple(parents)),
+            operation,
+        ),
+        _NO_USAGE,
+        () if _is_empty_seq(tags) else validate_tags(_tag_seq(tags)),
+        validate_importance(importance),
+        validate_ttl(ttl_s),
     )
 
 
@@ -427,6 +436,10 @@ def _check_writable(current: MemoryItem, expected_version: int | None) -> None:
         raise _stale(current, expected_version)
     if current.status == Status.DELETED:
         raise Conflict(f"item {current.id} is deleted", reason="deleted", id=current.id)
+
+
+def _is_empty_seq(value: object) -> bool:
+    return (type(value) is tuple or type(value) is list) and not value
 
 
 def _tag_seq(tags: Iterable[str]) -> Any:

@@ -60,7 +60,7 @@ from memosd.memcube.model import (
 from memosd.scheduler import jobs
 from memosd.store.blobs import BlobStore
 from memosd.store.group_commit import GroupCommitter, Submission
-from memosd.store.lmdb_env import LmdbEnv
+from memosd.store.lmdb_env import LmdbEnv, PendingCheckpoint
 from memosd.store.planner import Planner
 from memosd.store.records import (
     CubeDrop,
@@ -68,6 +68,7 @@ from memosd.store.records import (
     GrantSet,
     ItemPurge,
     ItemPut,
+    JobDelete,
     JobPut,
     Mutation,
     TokenDelete,
@@ -89,6 +90,8 @@ __all__ = [
 
 _GRANT_LEVELS: Final = ("read", "write")
 _REPLAY_TXN_RECORDS: Final = 2048
+_FREE_SPACE_RECHECK_S: Final = 0.05
+_HEADROOM_CHECK_COMMITS: Final = 16
 _log = structlog.get_logger("memosd.engine")
 
 T = TypeVar("T")
@@ -110,7 +113,8 @@ class EngineSettings:
     # checkpoint pin (see memosd.store) keeps LMDB from reusing pages freed
     # after it, and its free-page search slows down as that list grows:
     # commits cost ~12 us unpinned, ~50-100 us after 5,000 pinned txns.
-    # A checkpoint (three fsyncs) every few thousand txns keeps them cheap.
+    # A checkpoint every few thousand txns keeps them cheap; its syncs run
+    # beside the writer (Engine._checkpoint_in_background).
     checkpoint_txns: int = 2000
     # Unreferenced blobs younger than this may belong to a write in flight.
     blob_gc_grace_s: float = 3600.0
@@ -180,6 +184,12 @@ class Engine:
         self._ids = MonotonicIdFactory()
         self._listeners: list[Callable[[ChangeEvent], None]] = []
         self._free_space = free_space or (lambda: _disk_free(data_dir))
+        # statvfs per batch costs more than a small write's planning; the real
+        # disk is re-checked at most every _FREE_SPACE_RECHECK_S while far
+        # from the limit (an injected ``free_space`` is asked every batch).
+        self._cache_free_space = free_space is None
+        self._free_checked_at = -1.0
+        self._free_margin = 0
         self._committer: GroupCommitter[_Work] = GroupCommitter(
             self._process_batch, max_batch=settings.max_batch
         )
@@ -187,6 +197,7 @@ class Engine:
         self._usage_lock = threading.Lock()
         self._pending_hits: dict[tuple[str, str], tuple[int, int]] = {}
         self._failure: MemosError | None = None
+        self._background_checkpoint: threading.Thread | None = None
         self._closed = False
         self._close_lock = threading.Lock()
         started = time.monotonic()
@@ -218,6 +229,7 @@ class Engine:
         self._next_housekeeping = 0.0
         self._wal_bytes_since_checkpoint = 0
         self._txns_since_checkpoint = 0
+        self._commits_since_headroom_check = 0
         self._housekeeper = threading.Thread(
             target=self._housekeeper_loop, name="memosd-housekeeper", daemon=True
         )
@@ -323,7 +335,7 @@ class Engine:
             for op in ops:
                 op.fail(_copy_error(self._failure))
             return
-        if self._free_space() < self.settings.min_free_bytes:
+        if not self._enough_free_space():
             err = DiskFullError(
                 "not enough free disk space for writes "
                 f"(need {self.settings.min_free_bytes} bytes free on {self.data_dir})"
@@ -331,16 +343,47 @@ class Engine:
             for op in ops:
                 op.fail(_copy_error(err))
             return
+        isolate = False
         while True:
             try:
-                self._run_batch_once(ops)
-                return
+                if self._run_batch_once(ops, isolate=isolate):
+                    return
+                # A plan failed after writing part of its change into the
+                # shared transaction: run the batch again, isolated.
+                isolate = True
             except lmdb.MapFullError:
                 new_size = self.store.grow_map()
                 _log.info("LMDB map grown", map_size=new_size)
 
-    def _run_batch_once(self, ops: list[_Op]) -> None:
+    def _enough_free_space(self) -> bool:
+        """Whether at least ``min_free_bytes`` are free (before anything is written)."""
+        now = time.monotonic()
+        if (
+            self._cache_free_space
+            and now - self._free_checked_at < _FREE_SPACE_RECHECK_S
+            and self._free_margin > 0
+        ):
+            return True
+        free = self._free_space()
+        self._free_checked_at = now
+        # Trust a cached reading only while we are far above the limit.
+        self._free_margin = free - 4 * self.settings.min_free_bytes
+        return free >= self.settings.min_free_bytes
+
+    def _run_batch_once(self, ops: list[_Op], *, isolate: bool) -> bool:
+        """Plan, log and commit ``ops``; False if the batch must run again isolated.
+
+        Plans share the batch's write transaction: a plan that fails before
+        it writes anything (validation, a missing item: the common failure)
+        leaves nothing behind, and a one-op batch that fails is aborted
+        whole.  A plan that fails *after* writing part of its change would
+        leave that part in the batch, so the transaction is aborted (nothing
+        is logged yet) and the batch runs again with ``isolate``: each plan in
+        a child transaction that is thrown away if it fails.  Child
+        transactions cost ~3 us per write, so they are only used then.
+        """
         txn = self.store.begin_write()
+        shared = StoreView(txn, self.store.dbs)
         outcomes: list[tuple[_Op, Any]] = []
         logged: list[list[tuple[Mutation, int, bytes]]] = []  # per WAL record
         released: set[str] = set()
@@ -349,39 +392,43 @@ class Engine:
             for op in ops:
                 plan = op.payload.plan
                 assert plan is not None
-                # A child transaction per request: a request that fails
-                # halfway leaves nothing behind in the batch.
-                child = self.store.env.begin(write=True, parent=txn)
+                child = self.store.env.begin(write=True, parent=txn) if isolate else None
                 planner = Planner(
-                    StoreView(child, self.store.dbs),
+                    shared if child is None else StoreView(child, self.store.dbs),
                     self._now_us(),
                     new_id=self._ids,
                     max_text_bytes=self.settings.max_text_bytes,
                 )
                 try:
                     result = plan(planner)
-                except MemosError as exc:
-                    child.abort()
+                except lmdb.MapFullError:
+                    if child is not None:
+                        child.abort()
+                    raise
+                except Exception as exc:
+                    if child is not None:
+                        child.abort()
+                    elif planner.wrote and len(ops) > 1:
+                        txn.abort()
+                        return False
+                    if not isinstance(exc, MemosError):  # a plan's bug must not kill the leader
+                        _log.exception("write plan failed")
+                        exc = StorageError(f"write failed: {exc}", reason="internal")
                     outcomes.append((op, exc))
                     continue
-                except lmdb.MapFullError:
-                    child.abort()
-                    raise
-                except Exception as exc:  # a bug in a plan must not kill the leader
-                    child.abort()
-                    _log.exception("write plan failed")
-                    outcomes.append((op, StorageError(f"write failed: {exc}", reason="internal")))
-                    continue
-                child.commit()
+                if child is not None:
+                    child.commit()
+                    released |= planner.view.released_blobs
+                    referenced |= planner.view.referenced_blobs_added
                 outcomes.append((op, result))
                 if planner.logged:
                     logged.append(planner.logged)
-                    released |= planner.view.released_blobs
-                    referenced |= planner.view.referenced_blobs_added
+            released |= shared.released_blobs
+            referenced |= shared.referenced_blobs_added
             if not logged:
                 txn.abort()
                 self._resolve(outcomes, [])
-                return
+                return True
             records = [
                 entries[0][1:] if len(entries) == 1 else encode_atomic([e[1:] for e in entries])
                 for entries in logged
@@ -395,13 +442,13 @@ class Engine:
                 self._poison(exc)
                 for op, _ in outcomes:
                     op.fail(_copy_error(exc))
-                return
+                return True
             events = [
                 _event_for(mutation, lsn)
                 for entries, lsn in zip(logged, lsns, strict=True)
                 for mutation, _, _ in entries
             ]
-            view = StoreView(txn, self.store.dbs)
+            view = shared
             _record_logged(view, events)
         except BaseException:
             txn.abort()
@@ -416,6 +463,7 @@ class Engine:
             # not take it.  Stop serving writes; recovery will apply it.
             self._poison(exc)
         self._resolve(outcomes, events)
+        return True
 
     def _commit_logged(
         self,
@@ -450,9 +498,14 @@ class Engine:
                 finally:
                     # commit() consumed the txn on success; abort is a no-op then.
                     txn.abort()
-        if self.store.needs_headroom():
-            new_size = self.store.grow_map()
-            _log.info("LMDB map grown", map_size=new_size)
+        # Checked every few commits (env.info() per commit is measurable); a
+        # map that fills up in between is grown on MapFullError anyway.
+        self._commits_since_headroom_check += 1
+        if self._commits_since_headroom_check >= _HEADROOM_CHECK_COMMITS:
+            self._commits_since_headroom_check = 0
+            if self.store.needs_headroom():
+                new_size = self.store.grow_map()
+                _log.info("LMDB map grown", map_size=new_size)
         return view.released_blobs
 
     def _release_blobs(self, shas: Iterable[str]) -> None:
@@ -519,7 +572,61 @@ class Engine:
         self._flush_usage()
         time_due = now - self._last_checkpoint_time >= self.settings.checkpoint_interval_s
         if (time_due or wal_due) and self._checkpoint_needed():
-            self._checkpoint_guarded()
+            self._checkpoint_in_background()
+
+    def _checkpoint_in_background(self) -> None:
+        """Start a periodic checkpoint whose syncs run beside the writer.
+
+        The writer only prunes the change log and captures the snapshot
+        (``LmdbEnv.begin_checkpoint``, microseconds); ``env.sync()``, the
+        checkpoint file's fsyncs and the WAL segment deletion (tens of
+        milliseconds) run in a short-lived thread while writes go on.  One
+        at a time: while one runs, a due checkpoint waits for the next batch.
+        """
+        running = self._background_checkpoint
+        if running is not None and running.is_alive():
+            return
+        applied = self.store.applied_lsn()
+        try:
+            self._prune_change_log(applied)
+            pending = self.store.begin_checkpoint(applied)
+        except MemosError as exc:
+            _log.error("checkpoint failed", error=str(exc), reason=exc.reason)
+            raise
+        self._last_checkpoint_time = time.monotonic()
+        self._wal_bytes_since_checkpoint = 0
+        self._txns_since_checkpoint = 0
+        thread = threading.Thread(
+            target=self._finish_background_checkpoint,
+            args=(pending,),
+            name="memosd-checkpoint",
+            daemon=True,
+        )
+        self._background_checkpoint = thread
+        thread.start()
+        self._collect_garbage_blobs(grace_s=self.settings.blob_gc_grace_s)
+
+    def _finish_background_checkpoint(self, pending: PendingCheckpoint) -> None:
+        try:
+            self.store.finish_checkpoint(pending)
+            self.wal.checkpoint(pending.state.applied_lsn)
+        except Exception as exc:
+            # A failed LMDB sync may have dropped dirty pages: no later
+            # checkpoint may claim them.  The last good checkpoint and the
+            # WAL still hold everything; stop writing and recover on restart.
+            _log.error("checkpoint failed", error=str(exc))
+            self._poison(
+                exc
+                if isinstance(exc, MemosError)
+                else StorageError(f"checkpoint failed: {exc}", reason="checkpoint")
+            )
+
+    def _join_checkpoint(self) -> None:
+        """Wait for a background checkpoint (before any other checkpoint or close)."""
+        thread = self._background_checkpoint
+        if thread is not None:
+            thread.join()
+            self._background_checkpoint = None
 
     def _checkpoint_needed(self) -> bool:
         last = self.store.last_checkpoint
@@ -537,6 +644,7 @@ class Engine:
             raise
 
     def _checkpoint_now(self, *, clean: bool = False) -> dict[str, Any]:
+        self._join_checkpoint()
         applied = self.store.applied_lsn()
         self._prune_change_log(applied)
         state = self.store.checkpoint(applied, clean_shutdown=clean)
@@ -647,6 +755,7 @@ class Engine:
         self._housekeeper.join()
         self._committer.submit(_Work("stop"))
         self._committer.close()
+        self._join_checkpoint()
         self.wal.close()
         self.store.close()
 
@@ -1021,20 +1130,24 @@ def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:
             return ChangeEvent("acl_changed", None, None, None, lsn)
         case JobPut(job):
             return ChangeEvent("job_changed", job.cube, job.id, job.revision, lsn, job.state)
+        case JobDelete(job_id, cube):
+            return ChangeEvent("job_deleted", cube, job_id, None, lsn)
     raise TypeError(mutation)  # pragma: no cover
 
 
 def _record_logged(view: StoreView, events: Sequence[ChangeEvent]) -> None:
     """Write the change log entries and the applied LSN of a logged batch."""
-    index = 0
-    for i, event in enumerate(events):
-        index = index + 1 if i and events[i - 1].lsn == event.lsn else 0
-        view.record_change(
-            event.lsn,
-            index,
-            [event.kind, event.cube, event.item_id, event.version, event.operation],
+    entries = []
+    index = previous = 0
+    for event in events:
+        lsn = event.lsn
+        index = index + 1 if lsn == previous else 0
+        previous = lsn
+        entries.append(
+            (lsn, index, [event.kind, event.cube, event.item_id, event.version, event.operation])
         )
-    view.set_applied_lsn(events[-1].lsn)
+    view.record_changes(entries)
+    view.set_applied_lsn(previous)
 
 
 def _copy_error(exc: MemosError) -> MemosError:

@@ -406,13 +406,20 @@ class WriteAheadLog:
             self._raise_if_unusable()
             first = self._next_lsn
             self._next_lsn += len(records)
-            self._queue.append(
-                b"".join(
-                    encode_record(first + i, rtype, payload)
-                    for i, (rtype, payload) in enumerate(records)
-                )
+            data = b"".join(
+                encode_record(first + i, rtype, payload)
+                for i, (rtype, payload) in enumerate(records)
             )
+            # Nobody writing and nothing queued (e.g. the storage engine, whose
+            # batches are already group-committed): lead at once, no queue.
+            lead = not self._io_owned and not self._queue
+            if lead:
+                self._io_owned = True
+            else:
+                self._queue.append(data)
         last = first + len(records) - 1
+        if lead:
+            self._lead(data, first, last)
         self._wait_durable(last)
         return list(range(first, last + 1))
 

@@ -66,7 +66,12 @@ reached the disk.  Two rules make that recoverable:
    the checkpoint LSN, is then replayed on top.
 
 WAL segments are deleted only after the checkpoint file that covers them is
-durable, and the old pin is released only after that too.
+durable, and the old pin is released only after that too.  Periodic
+checkpoints capture the snapshot (txn id, meta pages, new pin) between two
+commits and run ``env.sync()`` and the file write beside the writer
+(``LmdbEnv.begin_checkpoint``): pages written after the capture may or may not
+be synced by it, which is fine because the captured meta pages never point at
+them.
 """
 
 from __future__ import annotations

@@ -21,9 +21,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import structlog
+
 __all__ = ["GroupCommitter", "Submission"]
 
 P = TypeVar("P")
+
+_log = structlog.get_logger("memosd.store")
 
 
 class Submission(Generic[P]):
@@ -44,18 +48,34 @@ class Submission(Generic[P]):
         self._callback: Callable[[Submission[P]], None] | None = None
 
     def resolve(self, result: Any) -> None:
-        self._result = result
-        self._finish()
+        if self._first_outcome():
+            self._result = result
+            self._finish()
 
     def fail(self, exc: BaseException) -> None:
-        self._exception = exc
-        self._finish()
+        if self._first_outcome():
+            self._exception = exc
+            self._finish()
+
+    def _first_outcome(self) -> bool:
+        if self.done:
+            # The first outcome stands; a second one is a bug upstream, and
+            # releasing the wake lock twice would raise in the leader.
+            _log.error("submission resolved twice; keeping its first outcome")
+            return False
+        return True
 
     def _finish(self) -> None:
         self.done = True
         self._wake.release()
         if self._callback is not None:
-            self._callback(self)
+            try:
+                self._callback(self)
+            except Exception:
+                # The callback belongs to one caller (e.g. a future whose
+                # awaiting task was cancelled): it must not fail the rest of
+                # the batch, whose writes are already durable.
+                _log.exception("completion callback failed")
 
     def promote(self) -> None:
         self._promoted = True

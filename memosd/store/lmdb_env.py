@@ -32,6 +32,7 @@ __all__ = [
     "DB_NAMES",
     "CheckpointState",
     "LmdbEnv",
+    "PendingCheckpoint",
     "current_boot_id",
     "read_checkpoint_state",
 ]
@@ -75,6 +76,14 @@ class CheckpointState:
     clean_shutdown: bool
     page_size: int
     meta_pages: bytes  # both LMDB meta pages, as synced at the checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCheckpoint:
+    """A captured snapshot on its way to becoming the checkpoint (see begin_checkpoint)."""
+
+    state: CheckpointState
+    pin: lmdb.Transaction | None
 
 
 def read_checkpoint_state(path: Path) -> CheckpointState | None:
@@ -191,6 +200,10 @@ class LmdbEnv:
         self.dbs = {name: self.env.open_db(name.encode()) for name in DB_NAMES}
         self.env.reader_check()  # clear slots left by killed processes
         self._pin: lmdb.Transaction | None = None
+        # Held from begin_checkpoint to finish_checkpoint (possibly released
+        # by another thread, hence a plain Lock).
+        self._checkpoint_lock = threading.Lock()
+        self._page_size = int(self.env.stat()["psize"])
         self.last_checkpoint = previous
 
     def _open(self, map_size: int) -> lmdb.Environment:
@@ -238,7 +251,7 @@ class LmdbEnv:
     def needs_headroom(self) -> bool:
         """True when the data file uses more than 3/4 of the map."""
         info = self.env.info()
-        used = (int(info["last_pgno"]) + 1) * int(self.env.stat()["psize"])
+        used = (int(info["last_pgno"]) + 1) * self._page_size
         return used * 4 > int(info["map_size"]) * 3
 
     def grow_map(self) -> int:
@@ -246,13 +259,15 @@ class LmdbEnv:
 
         The checkpoint pin is a read transaction too, so growing the map
         releases it and immediately takes a fresh checkpoint (no write can
-        happen in between: we are the writer thread).
+        happen in between: we are the writer thread).  A checkpoint still
+        finishing in the background is waited for first.
         """
         new_size = self.map_size * 2
-        with self._gate.exclusive():
-            self._release_pin()
-            self.env.set_mapsize(new_size)
-        self.checkpoint(self.applied_lsn())
+        with self._checkpoint_lock:
+            with self._gate.exclusive():
+                self._release_pin()
+                self.env.set_mapsize(new_size)
+            self._finish_checkpoint(self._capture_checkpoint(self.applied_lsn(), False))
         return new_size
 
     def applied_lsn(self) -> int:
@@ -263,20 +278,54 @@ class LmdbEnv:
     # -- checkpoints -----------------------------------------------------------------
 
     def checkpoint(self, applied_lsn: int, *, clean_shutdown: bool = False) -> CheckpointState:
-        """Sync LMDB, persist the checkpoint file, move the pin to this snapshot."""
+        """Sync LMDB, persist the checkpoint file, move the pin to this snapshot.
+
+        Writer thread only (no commit may run while the snapshot is captured).
+        """
+        with self._checkpoint_lock:
+            return self._finish_checkpoint(self._capture_checkpoint(applied_lsn, clean_shutdown))
+
+    def begin_checkpoint(self, applied_lsn: int) -> PendingCheckpoint:
+        """First half of a checkpoint, in the writer thread between two commits.
+
+        Captures the current snapshot: its txn id, both meta pages as they
+        are now, and a new pin (a read txn on it).  Nothing is synced yet:
+        :meth:`finish_checkpoint` does the slow part from any thread while
+        the writer goes on committing.  That is safe because every page of
+        the captured snapshot was written before the ``env.sync()`` there
+        starts, the new pin keeps those pages from being reused, and the old
+        pin (the checkpoint in force) is held until the new checkpoint file
+        is durable.  Exactly one checkpoint runs at a time; call
+        :meth:`finish_checkpoint` once with the result, even on failure.
+        """
+        self._checkpoint_lock.acquire()
         try:
-            self.env.sync(True)
-        except lmdb.Error as exc:
-            if _is_enospc(exc):
-                raise DiskFullError("disk full while syncing LMDB") from exc
-            raise StorageError(f"LMDB sync failed: {exc}") from exc
-        page_size = int(self.env.stat()["psize"])
+            return self._capture_checkpoint(applied_lsn, False)
+        except BaseException:
+            self._checkpoint_lock.release()
+            raise
+
+    def finish_checkpoint(self, pending: PendingCheckpoint) -> CheckpointState:
+        """Second half of :meth:`begin_checkpoint` (any thread): sync, file, pin."""
+        try:
+            return self._finish_checkpoint(pending)
+        finally:
+            self._checkpoint_lock.release()
+
+    def _capture_checkpoint(self, applied_lsn: int, clean_shutdown: bool) -> PendingCheckpoint:
+        page_size = self._page_size
         with open(self.directory / "data.mdb", "rb") as fh:
             meta_pages = fh.read(2 * page_size)
         txnid = int(self.env.info()["last_txnid"])
         newest = max(_meta_txnid(meta_pages[:page_size]), _meta_txnid(meta_pages[page_size:]))
         if newest != txnid:
             raise CorruptionError(f"LMDB meta pages show txn {newest}, expected {txnid}")
+        pin = None
+        if not clean_shutdown:
+            pin = self.env.begin(buffers=False)
+            if pin.id() != txnid:
+                pin.abort()
+                raise CorruptionError(f"checkpoint pin sees txn {pin.id()}, expected {txnid}")
         state = CheckpointState(
             applied_lsn=applied_lsn,
             txnid=txnid,
@@ -285,12 +334,25 @@ class LmdbEnv:
             page_size=page_size,
             meta_pages=meta_pages,
         )
-        self._write_checkpoint_file(state)
-        new_pin = None if clean_shutdown else self.env.begin(buffers=False)
+        return PendingCheckpoint(state, pin)
+
+    def _finish_checkpoint(self, pending: PendingCheckpoint) -> CheckpointState:
+        try:
+            try:
+                self.env.sync(True)
+            except lmdb.Error as exc:
+                if _is_enospc(exc):
+                    raise DiskFullError("disk full while syncing LMDB") from exc
+                raise StorageError(f"LMDB sync failed: {exc}") from exc
+            self._write_checkpoint_file(pending.state)
+        except BaseException:
+            if pending.pin is not None:
+                pending.pin.abort()
+            raise
         self._release_pin()
-        self._pin = new_pin
-        self.last_checkpoint = state
-        return state
+        self._pin = pending.pin
+        self.last_checkpoint = pending.state
+        return pending.state
 
     def _write_checkpoint_file(self, state: CheckpointState) -> None:
         doc = {

@@ -36,6 +36,7 @@ from memosd.store.records import (
     GrantSet,
     ItemPurge,
     ItemPut,
+    JobDelete,
     JobPut,
     Mutation,
     TokenDelete,
@@ -63,18 +64,23 @@ class Planner:
         self._new_id = new_id
         self._max_text_bytes = max_text_bytes
         self.logged: list[tuple[Mutation, int, bytes]] = []
+        # Set before the first write reaches the transaction (a failing
+        # apply may already have written part of its mutation).
+        self.wrote = False
 
     # -- plumbing ---------------------------------------------------------------------
 
     def emit(self, mutation: Mutation) -> None:
         rtype, payload = encode_mutation(mutation)
+        self.wrote = True
         self.view.apply(mutation, payload)
         self.logged.append((mutation, rtype, payload))
 
     def check_text(self, text: object) -> str:
         if not isinstance(text, str):
             raise BadRequest("text must be a string")
-        if len(text.encode()) > self._max_text_bytes:
+        # An ASCII str knows it is ASCII (O(1)): its length is its UTF-8 size.
+        if (len(text) if text.isascii() else len(text.encode())) > self._max_text_bytes:
             raise TooLarge(f"text is larger than max_text_bytes={self._max_text_bytes}")
         return text
 
@@ -287,12 +293,16 @@ class Planner:
         dedup_key: str | None = None,
         not_before_us: int | None = None,
     ) -> jobs.Job:
-        """Queue a job; with ``dedup_key``, an unfinished job with that key is returned instead."""
+        """Queue a job; with ``dedup_key``, a queued job with that key is returned instead.
+
+        Only a job that has not started yet absorbs the request: a running
+        one may already have read the state the request is about.
+        """
         if cube is not None:
             self.require_cube(cube)
         if dedup_key is not None:
             for existing in self.view.jobs():
-                if existing.dedup_key == dedup_key and not existing.terminal:
+                if existing.dedup_key == dedup_key and existing.state == jobs.JobState.QUEUED:
                     return existing
         job = jobs.new_job(
             id=self._new_id(self.now_us),
@@ -323,4 +333,12 @@ class Planner:
             )
         job = change(current, self.now_us)
         self.emit(JobPut(job))
+        return job
+
+    def delete_job(self, job_id: str) -> jobs.Job:
+        """Remove an ended job's record (job retention); Conflict if it has not ended."""
+        job = self.job(job_id)
+        if not job.terminal:
+            raise Conflict(f"job {job_id} is {job.state}, not ended", reason="job_state")
+        self.emit(JobDelete(job.id, job.cube))
         return job

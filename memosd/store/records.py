@@ -24,6 +24,7 @@ __all__ = [
     "GrantSet",
     "ItemPurge",
     "ItemPut",
+    "JobDelete",
     "JobPut",
     "Mutation",
     "RecordType",
@@ -51,6 +52,7 @@ class RecordType(IntEnum):
     # Several mutations of one request, all or nothing: payload is a msgpack
     # list of [record type, payload] pairs (never nested).
     ATOMIC = 9
+    JOB_DELETE = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,25 @@ class JobPut:
     job: Job
 
 
-Mutation = CubePut | CubeDrop | ItemPut | ItemPurge | GrantSet | TokenPut | TokenDelete | JobPut
+@dataclass(frozen=True, slots=True)
+class JobDelete:
+    """An ended job's record removed (job retention); ``cube`` routes its change event."""
+
+    job_id: str
+    cube: str | None
+
+
+Mutation = (
+    CubePut
+    | CubeDrop
+    | ItemPut
+    | ItemPurge
+    | GrantSet
+    | TokenPut
+    | TokenDelete
+    | JobPut
+    | JobDelete
+)
 
 
 def encode_atomic(records: Sequence[tuple[int, bytes]]) -> tuple[int, bytes]:
@@ -133,7 +153,8 @@ def encode_mutation(mutation: Mutation) -> tuple[int, bytes]:
             return RecordType.CUBE_DROP, codec.packb({"name": name})
         case ItemPut(item):
             # Usage statistics are side data, never part of a version record.
-            if item.usage != _NO_USAGE:
+            usage = item.usage  # (field by field: cheaper than dataclass __eq__)
+            if usage.hits != 0 or usage.last_hit_us is not None or usage.heat != 0.0:
                 item = replace(item, usage=_NO_USAGE)
             return RecordType.ITEM_PUT, codec.encode_item(item, verify=False)
         case ItemPurge(record):
@@ -150,6 +171,8 @@ def encode_mutation(mutation: Mutation) -> tuple[int, bytes]:
             return RecordType.TOKEN_DELETE, codec.packb({"name": name})
         case JobPut(job):
             return RecordType.JOB_PUT, encode_job(job)
+        case JobDelete(job_id, cube):
+            return RecordType.JOB_DELETE, codec.packb({"id": job_id, "cube": cube})
     raise TypeError(f"not a mutation: {mutation!r}")  # pragma: no cover
 
 
@@ -177,6 +200,9 @@ def decode_mutation(rtype: int, payload: bytes) -> Mutation:
             return JobPut(decode_job(payload))
         if kind is RecordType.ATOMIC:
             raise CodecError("ATOMIC records hold several mutations: use decode_record")
+        if kind is RecordType.JOB_DELETE:
+            doc = _fields(payload, ("id", "cube"))
+            return JobDelete(str(doc["id"]), None if doc["cube"] is None else str(doc["cube"]))
         if kind is RecordType.CUBE_DROP:
             return CubeDrop(str(_fields(payload, ("name",))["name"]))
         if kind is RecordType.GRANT_SET:

@@ -7,7 +7,8 @@ to apply the resulting mutations, so a batch sees its own earlier changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +26,7 @@ from memosd.store.records import (
     GrantSet,
     ItemPurge,
     ItemPut,
+    JobDelete,
     JobPut,
     Mutation,
     TokenDelete,
@@ -35,6 +37,7 @@ from memosd.store.records import (
 __all__ = ["StoreView", "TokenRecord", "blob_refs"]
 
 _PER_ITEM_DBS = ("versions", "latest", "purges", "usage", "grants")
+_CHANGE_KEY = struct.Struct(">QI")  # keys.pack_u64(lsn) + keys.pack_u32(index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +224,8 @@ class StoreView:
                 self.txn.put(token_hash, name.encode(), db=self.dbs["tokenhash"])
             case JobPut(job):
                 self.txn.put(job.id.encode(), payload or encode_job(job), db=self.dbs["jobs"])
+            case JobDelete(job_id, _):
+                self.txn.delete(job_id.encode(), db=self.dbs["jobs"])
             case TokenDelete(name):
                 existing = self.token(name)
                 if existing is not None:
@@ -265,6 +270,15 @@ class StoreView:
         """Change ``index`` of the record at ``lsn`` (an ATOMIC record has several)."""
         key = keys.pack_u64(lsn) + keys.pack_u32(index)
         self.txn.put(key, codec.packb(change), db=self.dbs["changes"])
+
+    def record_changes(self, entries: Iterable[tuple[int, int, list[Any]]]) -> None:
+        """Several :meth:`record_change` calls (the writer's hot path)."""
+        put = self.txn.put
+        db = self.dbs["changes"]
+        key = _CHANGE_KEY.pack
+        pack = codec.packb
+        for lsn, index, change in entries:
+            put(key(lsn, index), pack(change), db=db)
 
     def changes_since(self, after_lsn: int, limit: int) -> list[tuple[int, list[Any]]]:
         out: list[tuple[int, list[Any]]] = []

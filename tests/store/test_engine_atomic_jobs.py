@@ -140,3 +140,49 @@ def test_atomic_future_resolves_without_blocking_the_caller(engine: Engine) -> N
     failing = engine.atomic_future(lambda p: p.add("missing-cube", "x"))
     with pytest.raises(NotFound):
         failing.result(timeout=10)
+
+
+def test_a_plan_failing_halfway_in_a_shared_batch_leaves_nothing(engine: Engine) -> None:
+    """Plans of one batch share a transaction; a half-written failure must vanish alone."""
+    import threading
+
+    release = threading.Event()
+
+    def hold_the_leader(p: Planner) -> None:
+        release.wait(10)  # later submissions queue up and form the next batch
+        p.add("c", "first batch")
+
+    def half_then_bug(p: Planner) -> None:
+        p.add("c", "should vanish too")
+        raise RuntimeError("a bug after a write")
+
+    def half_then_fail(p: Planner) -> None:
+        p.add("c", "should vanish")
+        p.archive("c", "01ARZ3NDEKTSV4RRFFQ69G5FAV")  # NotFound after a write
+
+    start = engine.last_lsn
+    first = engine.atomic_future(hold_the_leader)
+    plans = [
+        lambda p: p.add("c", "kept 0"),
+        half_then_fail,
+        lambda p: p.add("c", "kept 1"),
+        lambda p: p.add("missing-cube", "fails before writing"),
+        half_then_bug,
+        lambda p: p.add("c", "kept 2"),
+    ]
+    futures = [engine.atomic_future(plan) for plan in plans]
+    release.set()
+    first.result(timeout=10)
+    kept = [futures[i].result(timeout=10).text for i in (0, 2, 5)]
+    assert kept == ["kept 0", "kept 1", "kept 2"]
+    with pytest.raises(NotFound):
+        futures[1].result(timeout=10)
+    with pytest.raises(NotFound):
+        futures[3].result(timeout=10)
+    with pytest.raises(Exception, match="a bug after a write"):
+        futures[4].result(timeout=10)
+    texts = sorted(i.text for i in engine.list_items("c", status=None, limit=100))
+    assert texts == ["first batch", "kept 0", "kept 1", "kept 2"]
+    # The three kept writes were one batch: one WAL record each, nothing else logged.
+    assert engine.last_lsn == start + 4
+    assert len(engine.changes_since(start)) == 4

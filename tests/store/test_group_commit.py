@@ -103,3 +103,41 @@ def test_submit_nowait_is_led_by_the_standby_thread() -> None:
     assert set(threads) == {"memosd-committer"}
     assert committer.submit(7) == 70  # blocking callers still lead themselves
     committer.close()
+
+
+def test_a_raising_completion_callback_fails_nobody_else() -> None:
+    def process(batch: list[Submission[int]]) -> None:
+        for s in batch:
+            s.resolve(s.payload + 1)
+
+    committer: GroupCommitter[int] = GroupCommitter(process, max_batch=8)
+    delivered = threading.Event()
+    got: list[int] = []
+
+    def broken(sub: Submission[int]) -> None:
+        raise RuntimeError("the caller's future was cancelled")
+
+    def good(sub: Submission[int]) -> None:
+        got.append(sub.outcome())
+        delivered.set()
+
+    first = committer.submit_nowait(1, broken)
+    committer.submit_nowait(2, good)
+    assert delivered.wait(5)
+    assert got == [3]
+    assert first.done
+    assert first.outcome() == 2
+    assert committer.submit(5) == 6  # the committer still leads
+    committer.close()
+
+
+def test_a_second_outcome_is_ignored_and_the_first_stands() -> None:
+    def process(batch: list[Submission[int]]) -> None:
+        for s in batch:
+            s.resolve(s.payload)
+            s.fail(RuntimeError("resolved twice by a buggy batch"))
+
+    committer: GroupCommitter[int] = GroupCommitter(process, max_batch=8)
+    assert committer.submit(4) == 4
+    assert committer.submit(5) == 5
+    committer.close()
