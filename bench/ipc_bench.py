@@ -178,13 +178,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--window", type=int, default=16, help="requests in flight per client")
     parser.add_argument("--text-bytes", type=int, default=300)
+    parser.add_argument(
+        "--no-tiers",
+        action="store_true",
+        help="turn tier policies off (scheduler.default_policies = []); default: on",
+    )
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="memosd-bench-"))
     # The issue measures durable adds without embedding: no search indexes.
-    daemon = DaemonHandle(
-        base, env={"MEMOSD_LOG_LEVEL": "warning", "MEMOSD_INDEX_ENABLED": "false"}
-    ).start()
+    env = {"MEMOSD_LOG_LEVEL": "warning", "MEMOSD_INDEX_ENABLED": "false"}
+    if args.no_tiers:
+        env["MEMOSD_SCHEDULER_DEFAULT_POLICIES"] = ""
+    daemon = DaemonHandle(base, env=env).start()
     echo_procs: list[subprocess.Popen[str]] = []
     try:
         with daemon.client() as c:
@@ -238,6 +244,14 @@ def main() -> None:
             check = ep == endpoint
             rate = throughput(ep, req, args.clients, args.seconds, args.window, check)
             print(f"{name:32} {rate:10.0f}")
+        with daemon.client() as c:  # what the tier scheduler did with those adds
+            engine = c.status().get("engine", {})
+            kinds: dict[str, int] = {}
+            for job in c.jobs(limit=1000):
+                kinds[job["kind"]] = kinds.get(job["kind"], 0) + 1
+            items = c.get_cube("bench").counts
+            print(f"\nafter the adds: items {items}, last LSN {engine.get('last_lsn')}")
+            print(f"jobs by kind (newest 1000): {kinds or 'none'}")
     finally:
         for p in echo_procs:
             p.kill()

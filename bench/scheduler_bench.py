@@ -15,6 +15,15 @@ Embedder: ``--embedder hashing`` (default; pure Python, holds the GIL - the
 worst case for the request path) or ``minilm`` (the daemon's default).
 
     .venv/bin/python bench/scheduler_bench.py [--turns 3000] [--queries 400]
+
+``--adds N``: instead, what tiering costs a chat-like writer through a real
+daemon: one client adds ``N`` turns to one session, one at a time, with
+tier policies off, on with ``evict_delay_s = 0`` and on with the default
+delay (1 s); prints adds/s, the WAL records beyond the adds (job
+transitions and migrations) and the jobs run.  Search indexes use the
+hashing embedder (``--embedder minilm`` for MiniLM).
+
+    .venv/bin/python bench/scheduler_bench.py --adds 300
 """
 
 from __future__ import annotations
@@ -78,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=3000)
     parser.add_argument("--queries", type=int, default=400)
     parser.add_argument("--embedder", choices=("hashing", "minilm"), default="hashing")
+    parser.add_argument("--adds", type=int, default=0, help="measure add overhead instead")
     args = parser.parse_args(argv)
+    if args.adds:
+        return add_overhead(args.adds, args.embedder)
 
     import structlog
 
@@ -197,6 +209,56 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<24}{stats['n']:>6}{stats['p50']:>9.2f}{stats['p95']:>9.2f}"
             f"{stats['p99']:>9.2f}{stats['max']:>9.2f}"
         )
+    return 0
+
+
+def add_overhead(n: int, embedder: str) -> int:
+    """Sequential adds to one session through the daemon, tiers off / on (see the doc)."""
+    from pathlib import Path
+
+    from memosd.testing import DaemonHandle
+
+    model = {"hashing": ("hashing-384", 384), "minilm": ("all-MiniLM-L6-v2", 384)}[embedder]
+    print(f"{n} sequential adds, one session, {embedder} embeddings")
+    print(f"{'':22}{'adds/s':>8}{'extra WAL':>11}{'per turn':>10}  jobs")
+    for label, delay in (
+        ("tiers off", None),
+        ("evict_delay_s = 0", 0.0),
+        ("evict_delay_s = 1", 1.0),
+    ):
+        base = Path(tempfile.mkdtemp(prefix="memosd-adds-"))
+        env = {"MEMOSD_LOG_LEVEL": "warning", "MEMOSD_INDEX_EMBEDDER": embedder}
+        daemon = DaemonHandle(base, env=env).start()
+        try:
+            with daemon.client(timeout=300) as c:
+                tiers = (
+                    {"policies": []} if delay is None else {"plaintext": {"evict_delay_s": delay}}
+                )
+                config = {"embedding_model": model[0], "embedding_dim": model[1]}
+                c.create_cube("chat", config={**config, "tier_policy": tiers})
+                for i in range(12):
+                    c.add("chat", f"warm-up turn {i}", session="s")
+                if delay is not None:
+                    c.tier_run("chat", "plaintext", timeout=300)  # loads what the jobs need
+                lsn0 = c.status()["engine"]["last_lsn"]
+                before = {j["id"] for j in c.jobs(limit=1000)}
+                t0 = time.perf_counter()
+                for i in range(n):
+                    c.add("chat", f"Alice: turn {i} about my garden and the weather", session="s")
+                took = time.perf_counter() - t0
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline and any(
+                    not j["terminal"] for j in c.jobs(limit=1000)
+                ):
+                    time.sleep(0.2)
+                extra = c.status()["engine"]["last_lsn"] - lsn0 - n
+                kinds: dict[str, int] = {}
+                for job in c.jobs(limit=1000):
+                    if job["id"] not in before:
+                        kinds[job["kind"]] = kinds.get(job["kind"], 0) + 1
+            print(f"{label:22}{n / took:8.0f}{extra:11d}{extra / n:10.2f}  {kinds or '-'}")
+        finally:
+            daemon.cleanup()
     return 0
 
 

@@ -192,7 +192,7 @@ class TierScheduler:
     def _handle(self, event: ChangeEvent) -> None:
         if event.kind in {"cube_created", "cube_dropped"} and event.cube is not None:
             self._settings_cache.pop(event.cube, None)
-        if event.cube is None or event.kind == "job_changed":
+        if event.cube is None or event.kind in {"job_changed", "job_deleted"}:
             return
         try:
             enabled = self._cube_policies(event.cube) if event.kind != "cube_dropped" else {}
@@ -256,17 +256,25 @@ class TierScheduler:
     ) -> list[jobs.Job]:
         """``memctl tier run CUBE POLICY``: queue the policy's on-demand jobs, in order.
 
-        With ``wait``, each job runs to its end before the next is queued.
+        With ``wait``, each job runs to its end before the next is queued;
+        ``timeout`` bounds the whole run (Unavailable when it passes; the
+        job being waited for keeps running, later ones are not queued).
         Works whether or not the policy is enabled on the cube (its settings
         for the cube still apply).
         """
+        import time  # noqa: PLC0415 - only on-demand runs need the monotonic clock
+
         target = self.registry.get(policy)
         config = self.engine.get_cube(cube).config.tier_policy
         settings = resolve_settings(target, config.get(policy), where=f"cube {cube}")
+        deadline = None if timeout is None else time.monotonic() + timeout
         out = []
         for request in target.on_demand(cube, settings):
             job = self._submit(request)
-            out.append(self.runner.wait(job.id, timeout=timeout) if wait else job)
+            if wait:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                job = self.runner.wait(job.id, timeout=left)
+            out.append(job)
         return out
 
     def report(self, cube: str, *, now_us: int | None = None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -130,6 +131,9 @@ class PlaintextTierPolicy:
         )
         self.before_commit = before_commit
         self._counts: dict[str, dict[str, int]] = {}
+        # cube -> when the eviction queued by a write may start (evict_delay_s): until
+        # then new turns need no look at all, that job will see them.
+        self._evict_due: dict[str, int] = {}
         self._last_periodic: dict[tuple[str, str], int] = {}
         self._handlers: dict[str, JobHandler] = {
             EVICT: _Handler(self._run_evict),
@@ -216,14 +220,24 @@ class PlaintextTierPolicy:
 
         Counting is a cheap in-memory estimate (one scan per cube, then +1
         per new short turn, reset to capacity when a job is queued); the
-        job itself recomputes exactly.  Periodic ticks catch any drift.
+        job itself recomputes exactly.  The job waits ``evict_delay_s``;
+        writes meanwhile are not even looked at (that job sees them), so a
+        burst of writes costs one job, not one per turn.  Turns added in
+        that window are not counted, so a session may run a little over
+        capacity until its next over-capacity write or the periodic check.
         """
         if event.kind == "cube_dropped" and event.cube is not None:
             self._counts.pop(event.cube, None)
+            self._evict_due.pop(event.cube, None)
             return []
         if event.kind != "item_written" or event.version != 1 or event.cube is None:
             return []
         cube = event.cube
+        clock = getattr(ctx, "clock", None)
+        now = int(clock()) if callable(clock) else time.time_ns() // 1000
+        due = self._evict_due.get(cube)
+        if due is not None and now < due:
+            return []
         try:
             item = ctx.engine.get(cube, event.item_id, version=1)
         except NotFound:
@@ -246,7 +260,11 @@ class PlaintextTierPolicy:
             return []
         for key in over:
             counts[key] = capacity
-        return [self._request(EVICT, cube)]
+        delay_us = int(float(settings.get("evict_delay_s", 0.0)) * 1_000_000)
+        if delay_us <= 0:
+            return [self._request(EVICT, cube)]
+        self._evict_due[cube] = now + delay_us
+        return [dataclasses.replace(self._request(EVICT, cube), not_before_us=now + delay_us)]
 
     def periodic(
         self, cube: str, now_us: int, settings: Mapping[str, Any], ctx: PolicyContext
@@ -388,6 +406,12 @@ class PlaintextTierPolicy:
         hot = any(h >= settings.promote_heat for k, (h, _) in heats.items() if k not in demote)
         changed = [s for s in segments if len(s.turns) != before.get(s.key)]
         ctx.progress(0.6, f"committing {len(evicted)} turns, {len(demote)} demotions")
+        gone = {t.id for t in evicted}
+        kept: dict[str, int] = {}
+        for turn in short:
+            if turn.id not in gone:
+                key = turn.provenance.session or ""
+                kept[key] = kept.get(key, 0) + 1
 
         def plan(p: Planner) -> dict[str, Any]:
             ids: dict[str, str] = {}
@@ -451,7 +475,11 @@ class PlaintextTierPolicy:
                 "consolidate_job": job_id,
             }
 
-        return ctx.commit(plan)
+        result = ctx.commit(plan)
+        # Exact counts as of this job's read replace on_write's estimate (which
+        # skipped the turns written while this job was due; it saw them).
+        self._counts[cube] = kept
+        return result
 
     # --- tiers.consolidate ------------------------------------------------------------------
 

@@ -38,6 +38,12 @@ only moves them through their states and calls handlers.
 * **Progress**: :meth:`JobContext.progress` updates the in-memory job and
   tells listeners at once; it is persisted (a ``report_progress``
   transition) at most every ``progress_persist_s``.
+* **Retention**: every ``sweep_every_s`` the dispatcher deletes ended jobs
+  whose last change is older than ``retention_s`` (succeeded, cancelled) or
+  ``failed_retention_s`` (failed; kept longer by default so failures stay
+  visible); 0 keeps them forever.  Candidates are found with a read
+  transaction, then deleted in atomic batches (``Planner.delete_job``)
+  that re-check each job, so a job requeued meanwhile is never deleted.
 * **Processes**: a handler with ``needs_process = True`` is split in three:
   ``prepare(ctx) -> payload`` (worker thread), ``compute(payload) -> output``
   (a picklable module-level callable run in a spawned process pool, for
@@ -82,6 +88,7 @@ _log = structlog.get_logger("memosd.scheduler")
 T = TypeVar("T")
 _ALL: Final = 1_000_000_000
 _PERMANENT: Final = (BadRequest, NotFound, Forbidden)
+_SWEEP_BATCH: Final = 500  # job deletions per atomic write
 
 
 class JobCancelled(Exception):
@@ -282,9 +289,14 @@ class JobRunner:
         clock: Callable[[], int] | None = None,
         poll_s: float = 5.0,
         progress_persist_s: float = 1.0,
+        retention_s: float = 0.0,
+        failed_retention_s: float | None = None,
+        sweep_every_s: float = 3600.0,
     ) -> None:
         if concurrency < 1:
             raise BadRequest("concurrency must be >= 1")
+        if retention_s < 0 or (failed_retention_s or 0) < 0 or sweep_every_s <= 0:
+            raise BadRequest("job retention and sweep intervals must be positive (0: keep)")
         self.engine = engine
         self._handlers = dict(handlers)
         self.concurrency = concurrency
@@ -304,6 +316,10 @@ class JobRunner:
         self._next_due_us: int | None = None
         self._listening = False
         self._finished = 0
+        self.retention_s = retention_s
+        self.failed_retention_s = retention_s if failed_retention_s is None else failed_retention_s
+        self.sweep_every_s = sweep_every_s
+        self._next_sweep = 0.0  # time.monotonic() of the next retention sweep
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -509,6 +525,59 @@ class JobRunner:
         with self._cv:
             return [ctx.job for _, ctx in self._running.values()]
 
+    # --- retention -------------------------------------------------------------------
+
+    def _cutoffs(self, now_us: int) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if self.retention_s > 0:
+            keep_us = int(self.retention_s * 1_000_000)
+            out[jobs.JobState.SUCCEEDED] = out[jobs.JobState.CANCELLED] = now_us - keep_us
+        if self.failed_retention_s > 0:
+            out[jobs.JobState.FAILED] = now_us - int(self.failed_retention_s * 1_000_000)
+        return out
+
+    def sweep(self, now_us: int | None = None) -> list[str]:
+        """Delete ended jobs older than their retention (by last change); their ids."""
+        cutoffs = self._cutoffs(self.clock() if now_us is None else now_us)
+        old = [
+            job.id
+            for state, cutoff in cutoffs.items()
+            for job in self.engine.list_jobs(state=state, limit=_ALL)
+            if job.updated_us < cutoff
+        ]
+        deleted: list[str] = []
+        for start in range(0, len(old), _SWEEP_BATCH):
+            chunk = old[start : start + _SWEEP_BATCH]
+
+            def plan(p: Planner, ids: list[str] = chunk) -> list[str]:
+                gone = []
+                for job_id in ids:
+                    try:
+                        job = p.job(job_id)
+                    except NotFound:
+                        continue
+                    if job.terminal and job.updated_us < cutoffs.get(job.state, -1):
+                        p.delete_job(job_id)
+                        gone.append(job_id)
+                return gone
+
+            deleted += self.engine.atomic(plan)
+        if deleted:
+            _log.info("old jobs deleted", count=len(deleted))
+        return deleted
+
+    def _sweep_if_due(self) -> None:
+        if not (self.retention_s > 0 or self.failed_retention_s > 0):
+            return
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.sweep_every_s
+        try:
+            self.sweep()
+        except MemosError as exc:  # e.g. the engine refusing writes: try next time
+            _log.error("job retention sweep failed", error=str(exc))
+
     # --- dispatching -------------------------------------------------------------------
 
     def _runnable(self, limit: int) -> list[jobs.Job]:
@@ -564,6 +633,9 @@ class JobRunner:
                     except MemosError as exc:
                         _log.error("job dispatch failed", error=str(exc))
                 sleep_s = self._sleep_s()
+            self._sweep_if_due()  # outside the lock: it writes
+            if self._next_sweep:
+                sleep_s = max(0.0, min(sleep_s, self._next_sweep - time.monotonic()))
 
     def _claim(self, job: jobs.Job) -> None:
         """Start ``job`` (called with the condition held)."""

@@ -57,6 +57,14 @@ US_PER_DAY: Final = 24 * US_PER_HOUR
 SETTINGS: Final[tuple[PolicySetting, ...]] = (
     PolicySetting("short_capacity", 10, int, "Turns per session kept in the short tier (FIFO).", 1),
     PolicySetting(
+        "evict_delay_s",
+        1.0,
+        float,
+        "An eviction queued by a write waits this long, so a burst of writes shares one "
+        "job (0: at once).",
+        0.0,
+    ),
+    PolicySetting(
         "segment_threshold",
         0.6,
         float,
@@ -126,6 +134,7 @@ class TierSettings:
     """The resolved settings of the plaintext policy (see :data:`SETTINGS`)."""
 
     short_capacity: int = 10
+    evict_delay_s: float = 1.0
     segment_threshold: float = 0.6
     mid_capacity: int = 200
     heat_alpha: float = 1.0

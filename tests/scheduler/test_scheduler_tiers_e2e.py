@@ -62,6 +62,8 @@ def tiered(tmp_path: Path, clock: FakeClock) -> Iterator[Tiered]:
 
 
 def make_cube(t: Tiered, name: str, **settings: Any) -> None:
+    # The scripted clock only moves between turns: evict as soon as a write asks.
+    settings.setdefault("evict_delay_s", 0.0)
     config = CubeConfig(tier_policy={"policies": ["plaintext"], "plaintext": settings})
     t.engine.create_cube(name, owner="uid:0", config=config)
 
