@@ -66,7 +66,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 from transformers import DynamicCache
@@ -82,6 +82,9 @@ from memosd.memcube.model import MemoryItem, PurgeRecord, Status
 from memosd.models.backend import ModelBackend
 from memosd.models.fingerprint import short_fingerprint
 
+if TYPE_CHECKING:
+    from memosd.store.planner import Planner
+
 __all__ = ["ACTIVATION_FORM", "KvInfo", "KvStore", "StalenessReport"]
 
 ACTIVATION_FORM: Final = "activation"
@@ -92,6 +95,8 @@ _PAGE: Final = 500
 MAX_PENDING_EVENTS: Final = 100_000
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
+#: Runs a write plan atomically and returns its result (``engine.atomic``, ``JobContext.commit``).
+Committer = Callable[[Callable[["Planner"], MemoryItem]], MemoryItem]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,9 +226,22 @@ class KvStore:
         tags: Sequence[str] = (),
         quant: str | None = None,
         replaces: str | None = None,
+        purge_replaced: bool = False,
+        commit: Committer | None = None,
+        progress: Callable[[float, str], None] | None = None,
     ) -> MemoryItem:
-        """Build the cache of ``items`` (current versions, in ``cube``) for ``backend``."""
+        """Build the cache of ``items`` (current versions, in ``cube``) for ``backend``.
+
+        The item is written by one atomic plan that re-checks every source's
+        version (``Conflict`` ``stale_source`` if one moved during the forward
+        pass) and, with ``purge_replaced``, purges the ``replaces`` item too.
+        ``commit(plan)`` runs that plan (default ``engine.atomic``; a job passes
+        :meth:`~memosd.scheduler.runner.JobContext.commit` so that the item and
+        the job's success are one WAL record).  ``progress(fraction, message)``
+        is told about the phases.
+        """
         quant = self.quant if quant is None else quant
+        report = progress if progress is not None else (lambda fraction, message: None)
         with self._op_lock:
             self._check_sources(cube, items)
             prefix = self.template.render(items, backend)
@@ -248,8 +266,12 @@ class KvStore:
                 reuse_refs, fingerprint, backend, blob_bytes, take_last=take_last
             )
             n = len(prefix.token_ids)
+            report(0.1, f"{n} tokens, {plan.compute_from} reused")
             if plan.compute_from < n:
-                layers = self._forward(backend, layers, prefix.token_ids[plan.compute_from :])
+                layers = self._forward(
+                    backend, layers, prefix.token_ids[plan.compute_from :], report
+                )
+            report(0.9, "storing chunks")
             shapes = tuple((int(k.shape[1]), int(k.shape[3])) for k, _ in layers)
             chunks: list[ChunkRef] = []
             for span in plan.spans:
@@ -287,8 +309,12 @@ class KvStore:
                 tags=tags,
                 replaces=replaces,
                 reused_tokens=plan.compute_from,
+                commit=commit,
+                purge=replaces if purge_replaced else None,
             )
             self._ensure_blobs(manifest, blob_bytes)
+            if purge_replaced and replaces is not None:
+                self._forget(cube, replaces)
             self._remember(cube, item, manifest)
         if self.budget_bytes is not None:
             self.enforce_budget(actor=actor, protect={(cube, item.id)})
@@ -309,7 +335,11 @@ class KvStore:
                 )
 
     def _forward(
-        self, backend: ModelBackend, prefix_layers: list[LayerKV], tail: Sequence[int]
+        self,
+        backend: ModelBackend,
+        prefix_layers: list[LayerKV],
+        tail: Sequence[int],
+        report: Callable[[float, str], None] | None = None,
     ) -> list[LayerKV]:
         """Run the tail through the model after the loaded prefix, ``prefill_step`` at a time."""
         model = backend.model
@@ -328,6 +358,9 @@ class KvStore:
                 cache = model(input_ids=piece, past_key_values=cache, use_cache=True)[
                     "past_key_values"
                 ]
+                if report is not None:
+                    done = min(len(ids), start + self.prefill_step)
+                    report(0.1 + 0.8 * done / len(ids), f"prefill {done}/{len(ids)} tokens")
         return [(k.detach(), v.detach()) for k, v in layers_of(cache)]
 
     def _store_chunk(
@@ -368,6 +401,8 @@ class KvStore:
         replaces: str | None,
         reused_tokens: int = 0,
         stale_reason: str | None = None,
+        commit: Committer | None = None,
+        purge: str | None = None,
     ) -> MemoryItem:
         what = f"{len(manifest.sources)} memories, {manifest.num_tokens} tokens"
         if stale_reason is not None:
@@ -385,18 +420,40 @@ class KvStore:
             "stale_reason": stale_reason,
             "replaces": replaces,
         }
-        item: MemoryItem = self.engine.add(
-            cube,
-            text,
-            actor=actor,
-            form=ACTIVATION_FORM,
-            tier=tier,
-            tags=tuple(tags),
-            source="kv",
-            metadata=metadata,
-            payload=manifest.to_payload(),
-            parents=manifest.sources,
-        )
+        payload = manifest.to_payload()
+        check_sources = stale_reason is None
+
+        def plan(p: Planner) -> MemoryItem:
+            if check_sources:
+                for sid, version in manifest.sources:
+                    latest = p.item(cube, sid)
+                    if latest.version != version or latest.status != Status.ACTIVE:
+                        raise Conflict(
+                            f"item {sid} changed to version {latest.version} "
+                            f"({latest.status}) during the build",
+                            reason="stale_source",
+                        )
+            added: MemoryItem = p.add(
+                cube,
+                text,
+                actor=actor,
+                form=ACTIVATION_FORM,
+                tier=tier,
+                tags=tuple(tags),
+                source="kv",
+                metadata=metadata,
+                payload=payload,
+                parents=manifest.sources,
+            )
+            if purge is not None:
+                p.purge(cube, purge, actor=actor, reason="kv rebuilt")
+            # Watch the sources before the commit's events go out: a change that
+            # lands right after the commit must find this cache (a rolled-back
+            # plan leaves an entry that the next check forgets).
+            self._remember(cube, added, manifest)
+            return added
+
+        item: MemoryItem = (commit or self.engine.atomic)(plan)
         return item
 
     def _ensure_blobs(self, manifest: KvManifest, blob_bytes: dict[str, bytes]) -> None:

@@ -9,18 +9,21 @@ float32), measured in one run:
 (b) **disk** - :meth:`KvStore.load` with its RAM cache emptied (chunk blobs read
     from the blob store - warm OS page cache - decoded, concatenated), then
     prompt only with the injected cache (copy-on-read included);
-(c) **IPC** - the cache fetched as ZeroMQ frames over an ``ipc://`` socket from a
-    server thread holding it in RAM (what the daemon's ``kv_get`` does: header
-    + 2 x layers raw frames, ``copy=False``), rebuilt with ``frames_to_cache``,
-    then prompt only.  The daemon adds its request dispatch (~0.1 ms) on top.
+(c) **daemon** - a real ``memosd`` (subprocess, temporary data dir) built
+    the same cache with ``kv_build`` (a ``kv.build`` job); the client fetches it
+    with ``Client.kv_get`` over the daemon's ``ipc://`` socket (header + 2 x
+    layers raw frames, sent ``copy=False`` from the daemon's RAM cache, received
+    zero-copy), then runs the prompt only with the injected cache.
 
-Also: the cost of the fetch alone (IPC transfer + rebuild) as a share of
-recomputing the prefix, and for one size the int8 quantized cache's size and
+Also: the cost of the fetch alone (``kv_get`` round trip + rebuild) as a share
+of recomputing the prefix, and for one size the int8 quantized cache's size and
 logit error.
 
-Usage: ``python bench/kv_bench.py [--sizes 512,1024,2048,4096] [--repeat 3]
+Usage: ``python bench/kv.py [--sizes 512,1024,2048,4096] [--repeat 3]
 [--model-dir DIR] [--threads 1]`` (the model is built once into DIR, default
-``$TMPDIR/memosd-bench-100m``).
+``$TMPDIR/memosd-bench-100m``).  ``make bench``: ``BENCH_KV_SIZES``,
+``BENCH_KV_REPEAT`` (default 1; 3 with ``BENCH_FULL=1``); the result goes to
+``$BENCH_OUT`` (bench/_result.py) for bench/render.py.
 """
 
 from __future__ import annotations
@@ -29,20 +32,20 @@ import argparse
 import os
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import torch
-import zmq
+from _result import write_result  # bench/ is on sys.path (the script's directory)
 
+from memosd.client import Client
 from memosd.engine import Engine
 from memosd.integrations.hf import logits_with_memory
-from memosd.kv import KvStore, LoadedCache, frames_to_cache
+from memosd.kv import KvStore, LoadedCache
 from memosd.models import HFBackend
 from memosd.models.testing import build_model_100m
+from memosd.testing import DaemonHandle
 
 PROMPT = "\nQuestion: what did Alice decide about the Friday release?\nAnswer:"
 FACTS = [
@@ -57,27 +60,9 @@ FACTS = [
 ]
 
 
-def serve(store: KvStore, endpoint: str, fingerprint: str, stop: threading.Event) -> None:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.bind(endpoint)
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    while not stop.is_set():
-        if not poller.poll(50):
-            continue
-        ident, body = sock.recv_multipart()
-        req = msgpack.unpackb(body)
-        header, frames = store.frames(req["cube"], req["item_id"], fingerprint)
-        sock.send_multipart([ident, msgpack.packb(header), *frames], copy=False)
-    sock.close(0)
-
-
-def fetch(sock: Any, cube: str, item_id: str) -> LoadedCache:
-    sock.send(msgpack.packb({"op": "kv_get", "cube": cube, "item_id": item_id}))
-    parts = sock.recv_multipart(copy=False)
-    header = msgpack.unpackb(parts[0].bytes)
-    return frames_to_cache(header, parts[1:])
+def fetch(client: Client, backend: HFBackend, cube: str, item_id: str) -> LoadedCache:
+    """``kv_get`` from the daemon: frames received zero-copy, fingerprint checked."""
+    return client.kv_get(cube, item_id, backend)
 
 
 def first_token_full(backend: HFBackend, ids: list[int]) -> int:
@@ -101,8 +86,14 @@ def timed(fn: Any, repeat: int) -> tuple[float, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="512,1024,2048,4096")
-    parser.add_argument("--repeat", type=int, default=3)
+    full = os.environ.get("BENCH_FULL") == "1"
+    parser.add_argument(
+        "--sizes",
+        default=os.environ.get("BENCH_KV_SIZES") or "512,1024,2048,4096",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=int(os.environ.get("BENCH_KV_REPEAT") or (3 if full else 1))
+    )
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--quant-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -126,15 +117,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Engine.open(Path(tmp) / "data") as engine:
         engine.create_cube("bench", owner="uid:0")
         store = KvStore(engine, Path(tmp), ram_cache_bytes=4 << 30)
-        endpoint = f"ipc://{tmp}/kv.sock"
-        stop = threading.Event()
-        server = threading.Thread(
-            target=serve, args=(store, endpoint, backend.fingerprint, stop), daemon=True
-        )
-        server.start()
-        ctx = zmq.Context.instance()
-        client = ctx.socket(zmq.DEALER)
-        client.connect(endpoint)
+        (Path(tmp) / "daemon").mkdir()
+        daemon = DaemonHandle(
+            Path(tmp) / "daemon",
+            env={
+                "MEMOSD_KV_RAM_CACHE_BYTES": str(4 << 30),
+                "MEMOSD_MODELS_ALLOWED_DIRS": str(model_dir),
+                "MEMOSD_LOG_LEVEL": "warning",
+            },
+        ).start(timeout=120)
+        client = Client(daemon.socket, timeout=600)
+        client.create_cube("bench")
 
         rows = []
         quant_row = None
@@ -150,6 +143,12 @@ def main() -> None:
             t0 = time.perf_counter()
             kv = store.build("bench", items, backend, actor="uid:0")
             build_s = time.perf_counter() - t0
+            # The same memories in the daemon's cube, cached by a kv.build job there.
+            ids = [client.add("bench", it.text, tier="long").id for it in items]
+            t0 = time.perf_counter()
+            built = client.kv_build("bench", model=model_dir, items=ids, timeout=3600)
+            daemon_build_s = time.perf_counter() - t0
+            daemon_kv = built["item"].id
             tokens = kv.metadata["num_tokens"]
             store._ram.clear()
             store._ram_bytes = 0
@@ -167,17 +166,30 @@ def main() -> None:
                 return first_token_cached(backend, cache, prompt)
 
             t_disk, tok_disk = timed(disk_path, args.repeat)
-            store.load("bench", kv.id, backend)  # the server holds it in RAM
-            t_fetch, fetched = timed(lambda kv_id=kv.id: fetch(client, "bench", kv_id), args.repeat)
+            fetch(client, backend, "bench", daemon_kv)  # the daemon now holds it in RAM
+            t_fetch, fetched = timed(
+                lambda kv_id=daemon_kv: fetch(client, backend, "bench", kv_id), args.repeat
+            )
             t_ipc, tok_ipc = timed(
-                lambda kv_id=kv.id: first_token_cached(
-                    backend, fetch(client, "bench", kv_id), prompt
+                lambda kv_id=daemon_kv: first_token_cached(
+                    backend, fetch(client, backend, "bench", kv_id), prompt
                 ),
                 args.repeat,
             )
             assert tok_full == tok_disk == tok_ipc, (tok_full, tok_disk, tok_ipc)
             assert fetched.token_ids == loaded.token_ids
-            rows.append((tokens, kv.metadata["bytes"], build_s, t_full, t_disk, t_ipc, t_fetch))
+            rows.append(
+                (
+                    tokens,
+                    kv.metadata["bytes"],
+                    build_s,
+                    daemon_build_s,
+                    t_full,
+                    t_disk,
+                    t_ipc,
+                    t_fetch,
+                )
+            )
             if size == args.quant_size:
                 q = store.build("bench", items, backend, actor="uid:0", quant="int8")
                 qc = store.load("bench", q.id, backend)
@@ -195,19 +207,20 @@ def main() -> None:
                     float(want.abs().max()),
                     bool((got.argmax(-1) == want.argmax(-1)).all()),
                 )
-        stop.set()
-        server.join()
-        client.close(0)
+        client.close()
+        daemon.stop()
 
     print()
     print(
-        f"{'tokens':>7} {'KV MB':>7} {'build s':>8} {'(a) full ms':>12} {'(b) disk ms':>12} "
-        f"{'(c) IPC ms':>11} {'a/b':>6} {'a/c':>6} {'fetch ms':>9} {'fetch/recompute':>16}"
+        f"{'tokens':>7} {'KV MB':>7} {'build s':>8} {'daemon s':>9} {'(a) full ms':>12} "
+        f"{'(b) disk ms':>12} {'(c) daemon ms':>14} {'a/b':>6} {'a/c':>6} {'fetch ms':>9} "
+        f"{'fetch/recompute':>16}"
     )
-    for tokens, nbytes, build_s, t_full, t_disk, t_ipc, t_fetch in rows:
+    for tokens, nbytes, build_s, daemon_s, t_full, t_disk, t_ipc, t_fetch in rows:
         print(
-            f"{tokens:>7} {nbytes / 2**20:>7.1f} {build_s:>8.2f} {t_full * 1e3:>12.1f} "
-            f"{t_disk * 1e3:>12.1f} {t_ipc * 1e3:>11.1f} {t_full / t_disk:>5.1f}x "
+            f"{tokens:>7} {nbytes / 2**20:>7.1f} {build_s:>8.2f} {daemon_s:>9.2f} "
+            f"{t_full * 1e3:>12.1f} "
+            f"{t_disk * 1e3:>12.1f} {t_ipc * 1e3:>14.1f} {t_full / t_disk:>5.1f}x "
             f"{t_full / t_ipc:>5.1f}x {t_fetch * 1e3:>9.1f} {t_fetch / t_full:>15.1%}"
         )
     if quant_row:
@@ -218,6 +231,78 @@ def main() -> None:
             f"int8 {err_q:.2e} (max |logit| {scale:.2f}); same argmax on all prompt tokens: {same}"
         )
     print(f"\n(cpu count {os.cpu_count()}; medians of {args.repeat}; disk = warm page cache)")
+    tables: list[dict[str, Any]] = [
+        {
+            "caption": (
+                f"time to first token, 104M-parameter model, float32, {args.threads} torch "
+                f"thread(s) in the client, prompt {len(prompt)} tokens, medians of {args.repeat}; "
+                "(c) = a real memosd, cache built by its kv.build job, fetched with kv_get"
+            ),
+            "columns": [
+                "prefix tokens",
+                "KV MB",
+                "(a) full prefill ms",
+                "(b) disk + inject ms",
+                "(c) daemon kv_get + inject ms",
+                "a/b",
+                "a/c",
+                "fetch ms",
+                "fetch / recompute %",
+                "daemon build s",
+            ],
+            "rows": [
+                [
+                    tokens,
+                    round(nbytes / 2**20, 1),
+                    round(t_full * 1e3),
+                    round(t_disk * 1e3),
+                    round(t_ipc * 1e3),
+                    round(t_full / t_disk, 1),
+                    round(t_full / t_ipc, 1),
+                    round(t_fetch * 1e3, 1),
+                    round(100 * t_fetch / t_full, 2),
+                    round(daemon_s, 1),
+                ]
+                for tokens, nbytes, _, daemon_s, t_full, t_disk, t_ipc, t_fetch in rows
+            ],
+        }
+    ]
+    if quant_row:
+        tokens, exact_b, q_b, err_exact, err_q, scale, same = quant_row
+        tables.append(
+            {
+                "caption": "int8 KV (keys per channel, values per token) vs the exact cache",
+                "columns": [
+                    "prefix tokens",
+                    "exact MB",
+                    "int8 MB",
+                    "smaller",
+                    "max logit error exact",
+                    "max logit error int8",
+                    "max logit",
+                    "same argmax",
+                ],
+                "rows": [
+                    [
+                        tokens,
+                        round(exact_b / 2**20, 1),
+                        round(q_b / 2**20, 1),
+                        round(exact_b / q_b, 2),
+                        f"{err_exact:.1e}",
+                        f"{err_q:.1e}",
+                        round(scale, 2),
+                        same,
+                    ]
+                ],
+            }
+        )
+    write_result(
+        "kv",
+        "Activation memory",
+        tables=tables,
+        command=f".venv/bin/python bench/kv.py --sizes {args.sizes} "
+        f"--repeat {args.repeat} --threads {args.threads}",
+    )
 
 
 if __name__ == "__main__":
