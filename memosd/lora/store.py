@@ -61,6 +61,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from memosd.engine import ChangeEvent, Engine
@@ -81,8 +82,10 @@ __all__ = [
     "ADAPTER_KIND",
     "MANIFEST_FORMAT",
     "AdapterVersion",
+    "LineageRewrite",
     "LoraResult",
     "LoraStore",
+    "PreparedRetrain",
     "PreparedTraining",
     "StagedAdapter",
 ]
@@ -160,6 +163,30 @@ class StagedAdapter:
     text: str
     item_id: str | None
     expected_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRetrain:
+    """A retraining without purged items: the old adapter item and what to train on.
+
+    ``training`` is None when no trainable item is left (the stale versions
+    are only forgotten).
+    """
+
+    cube: str
+    old_item_id: str
+    purged: frozenset[str]
+    training: PreparedTraining | None
+
+
+@dataclass(frozen=True, slots=True)
+class LineageRewrite:
+    """What :meth:`LoraStore.write_lineage` did: dropped versions, the old item, the new
+    item's last version (None if nothing was kept)."""
+
+    dropped: tuple[int, ...]
+    replaced_item: str
+    item: MemoryItem | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,6 +540,7 @@ class LoraStore:
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         in_process: bool = False,
+        fingerprint_cache_dir: str | Path | None = None,
     ) -> TrainingOutput:
         """Train and evaluate (worker process unless ``in_process``); writes nothing."""
         return run_training(
@@ -522,6 +550,7 @@ class LoraStore:
             progress=progress,
             cancel=cancel,
             in_process=in_process,
+            fingerprint_cache_dir=fingerprint_cache_dir,
         )
 
     def stage(
@@ -693,44 +722,78 @@ class LoraStore:
         item is left, the stale versions are forgotten without training
         (outcome ``"forgotten"``).  A cancelled retraining changes nothing.
         """
+        retrain = self.prepare_retrain(cube, backend, settings)
+        if retrain is None:
+            return None
+        if retrain.training is None:
+            rewrite = self.write_lineage(retrain, None, actor=actor)
+            return self.forgotten_result(cube, rewrite.dropped, rewrite.replaced_item)
+        output = self.run(
+            retrain.training, backend, progress=progress, cancel=cancel, in_process=in_process
+        )
+        if output.adapter is None or output.report is None:
+            return LoraResult(cube, "cancelled", None, None, self._active_version(cube))
+        content = self.stage_content(retrain.training, backend, output)
+        rewrite = self.write_lineage(retrain, content, actor=actor)
+        assert rewrite.item is not None
+        return self._result(
+            cube, rewrite.item, output, dropped=rewrite.dropped, replaced=rewrite.replaced_item
+        )
+
+    def forget_stale(self, cube: str, *, actor: str | None = None) -> tuple[int, ...]:
+        """Drop the stale versions now, without retraining; returns their numbers."""
+        if not any(v.stale for v in self.versions(cube)):
+            return ()
+        old = self.adapter_item(cube)
+        assert old is not None
+        retrain = PreparedRetrain(cube, old.id, frozenset(self._purged_ids(cube)), None)
+        return self.write_lineage(retrain, None, actor=actor).dropped
+
+    # The stages of :meth:`retrain_stale`, for a job handler that commits the
+    # lineage rewrite together with its own job transition:
+    #   retrain = store.prepare_retrain(cube, backend)      # None: nothing stale
+    #   output = store.run(retrain.training, backend, ...)   # unless training is None
+    #   content = store.stage_content(retrain.training, backend, output)  # blob durable
+    #   ctx.commit(lambda planner: store.write_lineage(retrain, content, writer=planner))
+
+    def prepare_retrain(
+        self, cube: str, backend: Any, settings: LoraSettings | None = None
+    ) -> PreparedRetrain | None:
+        """What a retraining without the purged items would train on (None: nothing stale).
+
+        ``training`` is None when no trainable item is left (forget only).
+        """
         versions = self.versions(cube)
         if not any(v.stale for v in versions):
             return None
         newest = versions[-1]
         if settings is None:
             settings = LoraSettings.from_mapping(newest.settings)
-        purged = self._purged_ids(cube)
+        purged = frozenset(self._purged_ids(cube))
         items = [self._current(cube, i) for i, _ in newest.trained_on if i not in purged]
         live = [it for it in items if it is not None]
-        if not live:
-            dropped, old = self._rewrite_lineage(cube, None, actor=actor)
-            return LoraResult(
-                cube, "forgotten", None, None, self._active_version(cube), 0.0, 0, dropped, old
-            )
-        training_set = build_training_set(live, backend.tokenizer, settings)
-        if not training_set.samples:
-            raise BadRequest(f"no trainable memory items left in cube {cube!r}", reason="no_items")
-        output = run_training(
-            backend,
-            [s.text for s in training_set.samples],
-            settings,
-            progress=progress,
-            cancel=cancel,
-            in_process=in_process,
-        )
-        if output.adapter is None or output.report is None:
-            return LoraResult(cube, "cancelled", None, None, self._active_version(cube))
-        content = self._version_content(cube, backend, settings, training_set, output)
-        dropped, old = self._rewrite_lineage(cube, content, actor=actor)
-        item = self.adapter_item(cube)
-        assert item is not None
-        return self._result(cube, item, output, dropped=dropped, replaced=old)
+        training: PreparedTraining | None = None
+        if live:
+            training_set = build_training_set(live, backend.tokenizer, settings)
+            if training_set.samples:
+                training = PreparedTraining(cube, settings, training_set)
+        return PreparedRetrain(cube, newest.item_id, purged, training)
 
-    def forget_stale(self, cube: str, *, actor: str | None = None) -> tuple[int, ...]:
-        """Drop the stale versions now, without retraining; returns their numbers."""
-        if not any(v.stale for v in self.versions(cube)):
-            return ()
-        return self._rewrite_lineage(cube, None, actor=actor)[0]
+    def stage_content(
+        self, prepared: PreparedTraining, backend: Any, output: TrainingOutput
+    ) -> tuple[dict[str, Any], dict[str, Any], str]:
+        """Make the adapter blob durable; the (payload, metadata, text) of its version."""
+        return self._version_content(
+            prepared.cube, backend, prepared.settings, prepared.training_set, output
+        )
+
+    def forgotten_result(
+        self, cube: str, dropped: tuple[int, ...], replaced: str | None
+    ) -> LoraResult:
+        """The result of a forget without retraining (outcome ``"forgotten"``)."""
+        return LoraResult(
+            cube, "forgotten", None, None, self._active_version(cube), 0.0, 0, dropped, replaced
+        )
 
     def _current(self, cube: str, item_id: str) -> MemoryItem | None:
         try:
@@ -739,36 +802,49 @@ class LoraStore:
             return None
         return item if item.status == Status.ACTIVE else None
 
-    def _rewrite_lineage(
+    def write_lineage(
         self,
-        cube: str,
+        retrain: PreparedRetrain,
         final: tuple[dict[str, Any], dict[str, Any], str] | None,
         *,
-        actor: str | None,
-    ) -> tuple[tuple[int, ...], str | None]:
-        """Copy the non-stale versions (+ ``final``) into a new item, purge the old one."""
-        old = self.adapter_item(cube)
-        if old is None:
-            return (), None
-        purged = self._purged_ids(cube)
-        history = self.engine.history(cube, old.id)
-        keep: list[tuple[dict[str, Any], dict[str, Any], str]] = []
-        dropped: list[int] = []
-        for version in history:
-            if not version.payload or not _manifest(version):
-                continue  # tombstones carry nothing worth keeping
-            if any(i in purged for i, _ in _trained_pairs(_manifest(version))):
-                dropped.append(version.version)
-            else:
-                keep.append((version.payload, version.metadata, version.text))
-        steps = [*keep, *([final] if final is not None else [])]
-        old_id = old.id
+        writer: Any = None,
+        actor: str | None = None,
+    ) -> LineageRewrite:
+        """Copy the non-stale versions (+ ``final``) into a new item, purge the old one.
 
-        def rewrite(planner: Any) -> None:
-            # One atomic engine step: the copies, the new adapter and the purge
-            # of the old item commit together or not at all.  Adds come before
-            # the purge, so a kept blob's count never touches zero.
+        One atomic step: through ``writer`` (a planner, e.g. inside a job's
+        ``commit``) or its own ``engine.atomic``.  The versions to keep are read
+        inside that step, so a version written meanwhile (a rollback) is kept
+        too.  :class:`Conflict` (reason ``lineage_changed``) if the old item is
+        gone (another forget won).
+        """
+        cube, old_id, purged = retrain.cube, retrain.old_item_id, retrain.purged
+
+        def rewrite(planner: Any) -> LineageRewrite:
+            # Copies first, then the purge: a kept blob's count never touches zero.
+            try:
+                history = planner.history(cube, old_id)
+            except NotFound:
+                raise Conflict(
+                    f"the adapter item {old_id} of cube {cube!r} is gone", reason="lineage_changed"
+                ) from None
+            if history[-1].status == Status.DELETED:
+                raise Conflict(
+                    f"the adapter item {old_id} of cube {cube!r} is deleted",
+                    reason="lineage_changed",
+                )
+            keep: list[tuple[dict[str, Any], dict[str, Any], str]] = []
+            dropped: list[int] = []
+            for version in history:
+                if not version.payload or not _manifest(version):
+                    continue  # tombstones carry nothing worth keeping
+                if any(i in purged for i, _ in _trained_pairs(_manifest(version))):
+                    dropped.append(version.version)
+                else:
+                    keep.append((version.payload, version.metadata, version.text))
+            steps = [*keep, *([final] if final is not None else [])]
             new_id: str | None = None
+            item: MemoryItem | None = None
             expected = 0
             for index, (payload, metadata, text) in enumerate(steps):
                 lora = dict(metadata.get("lora", {}))
@@ -806,9 +882,12 @@ class LoraStore:
             planner.purge(
                 cube, old_id, actor=actor, reason="lora: stale adapter versions forgotten"
             )
+            return LineageRewrite(tuple(dropped), old_id, item)
 
-        self.engine.atomic(rewrite)
-        return tuple(dropped), old.id
+        if writer is not None:
+            return rewrite(writer)
+        result: LineageRewrite = self.engine.atomic(rewrite)
+        return result
 
     def _repair_lineage(self, cube: str, live: list[MemoryItem]) -> None:
         """Finish or undo a lineage rewrite a crash interrupted (see module docstring)."""

@@ -34,6 +34,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import msgpack
@@ -278,6 +279,7 @@ def run_training(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     in_process: bool = False,
+    fingerprint_cache_dir: str | Path | None = None,
 ) -> TrainingOutput:
     """Train and evaluate an adapter for ``backend`` on ``texts``.
 
@@ -285,8 +287,9 @@ def run_training(
     ``in_process=True`` trains a deep copy of ``backend.model`` in this
     process instead (tests, benchmarks): the backend's own model is never
     modified either way.  Returns an output with ``adapter=None`` when
-    cancelled.  Errors of the worker are re-raised here as the same
-    :class:`MemosError` class.
+    cancelled.  ``fingerprint_cache_dir``: where the worker keeps its
+    fingerprint sidecar (default: the user cache directory).  Errors of the
+    worker are re-raised here as the same :class:`MemosError` class.
     """
     emit = progress if progress is not None else (lambda _p: None)
     should_stop = cancel.is_set if cancel is not None else (lambda: False)
@@ -303,7 +306,14 @@ def run_training(
             should_stop=should_stop,
             started=started,
         )
-    return _run_in_worker(backend, texts, settings, emit=emit, cancel=cancel)
+    return _run_in_worker(
+        backend,
+        texts,
+        settings,
+        emit=emit,
+        cancel=cancel,
+        fingerprint_cache_dir=fingerprint_cache_dir,
+    )
 
 
 def _run_in_worker(
@@ -313,6 +323,7 @@ def _run_in_worker(
     *,
     emit: ProgressCallback,
     cancel: CancelToken | None,
+    fingerprint_cache_dir: str | Path | None = None,
 ) -> TrainingOutput:
     ctx = multiprocessing.get_context("spawn")
     reader, writer = ctx.Pipe(duplex=False)
@@ -324,6 +335,9 @@ def _run_in_worker(
             "fingerprint": str(backend.fingerprint),
             "texts": list(texts),
             "settings": settings.to_dict(),
+            "fingerprint_cache_dir": (
+                None if fingerprint_cache_dir is None else str(fingerprint_cache_dir)
+            ),
         }
     )
     process = ctx.Process(
@@ -396,7 +410,12 @@ def _worker_main(spec_bytes: bytes, conn: Any, stop: Any) -> None:
         from memosd.models.backend import HFBackend  # noqa: PLC0415
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm in the journal
-        backend = HFBackend.load(spec["model_path"], dtype=spec["dtype"])
+        cache_dir = spec.get("fingerprint_cache_dir")
+        backend = HFBackend.load(
+            spec["model_path"],
+            dtype=spec["dtype"],
+            fingerprint_cache_dir=None if cache_dir is None else Path(cache_dir),
+        )
         # The directory may have changed since the daemon loaded it.
         check_fingerprint(spec["fingerprint"], backend.fingerprint)
         parent = multiprocessing.parent_process()

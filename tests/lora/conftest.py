@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import collections
-import functools
-import inspect
-import itertools
-import json
-import pathlib
-import random
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from memosd.engine import Engine
-from memosd.lora.evaluate import pad_batch, token_nll
+from memosd.lora.testing import build_warm_tiny_llama
 from memosd.models.backend import HFBackend
 from memosd.models.testing import build_tiny_llama
 
@@ -32,12 +22,6 @@ def model_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield cache
 
 
-def _prose() -> str:
-    """English prose that ships with Python: stdlib module docstrings."""
-    modules = (argparse, collections, functools, itertools, json, pathlib, random, textwrap)
-    return " ".join(" ".join(inspect.getdoc(m) or "" for m in modules).split())
-
-
 @pytest.fixture(scope="session")
 def tiny_backend(tmp_path_factory: pytest.TempPathFactory, model_env: Path) -> HFBackend:
     """A tiny Llama warmed up on 40 steps of English prose (perplexity ~25, not ~257).
@@ -46,24 +30,7 @@ def tiny_backend(tmp_path_factory: pytest.TempPathFactory, model_env: Path) -> H
     weights do, so no adapter could make it forget anything: the
     catastrophic-forgetting guard needs a base model that knows a little.
     """
-    cold = HFBackend.load(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-cold"), seed=0))
-    ids = cold.encode(_prose())
-    windows = [ids[i : i + 64] for i in range(0, len(ids) - 64, 64)]
-    rng = random.Random(0)
-    torch.manual_seed(0)
-    model = cold.model
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    for _ in range(40):
-        nll, count = token_nll(model, *pad_batch(rng.sample(windows, 8), pad_id=0))
-        optimizer.zero_grad()
-        (nll / count).backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-    model.eval()
-    warm = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(str(warm))
-    cold.tokenizer.save_pretrained(str(warm))
-    return HFBackend.load(warm)
+    return HFBackend.load(build_warm_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama"))
 
 
 @pytest.fixture(scope="session")
