@@ -1114,3 +1114,8 @@ def main() -> None:
         for problem in load_plugin_commands():
             sys.stderr.write(f"memctl: warning: {problem}\n")
     app()
+
+
+from memosd.cli import jobs as _jobs  # noqa: E402,F401 - registers its commands
+from memosd.cli import kv as _kv  # noqa: E402,F401 - registers its commands
+from memosd.cli import lora as _lora  # noqa: E402,F401 - registers its commands

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 import zmq
@@ -53,6 +53,9 @@ from memosd.memcube.model import MemoryItem, Provenance, PurgeRecord, Usage
 from memosd.protocol import decode_event, decode_response, encode_request
 from memosd.settings import default_socket_path
 
+if TYPE_CHECKING:
+    from memosd.kv.cache import LoadedCache
+
 __all__ = [
     "AsyncClient",
     "AsyncSubscription",
@@ -61,8 +64,12 @@ __all__ = [
     "Event",
     "Hit",
     "Item",
+    "LoraAdapter",
     "Subscription",
+    "combine_lora",
     "item_from_wire",
+    "load_lora",
+    "save_lora",
 ]
 
 T = TypeVar("T")
@@ -110,6 +117,9 @@ class Event:
     operation: str | None = None
     reason: str | None = None
     missed: int | None = None
+    # Job events (``job_queued``, ``job_progress``, ``job_succeeded``...): the
+    # job's id ("job"), kind, state, attempts, progress, message, error, result.
+    job: dict[str, Any] | None = None
 
 
 # --- decoding ---------------------------------------------------------------------------
@@ -172,6 +182,7 @@ def _event_from_wire(wire: Any) -> Event:
             operation=wire.get("operation"),
             reason=wire.get("reason"),
             missed=wire.get("missed"),
+            job=wire["job"] if type(wire.get("job")) is dict else None,
         )
     except (TypeError, ValueError):
         raise _bad("event") from None
@@ -309,12 +320,295 @@ class _Requests:
             args["tags"] = tags
         return _Req("search", args, _hits)
 
+    # --- jobs and tiers ---
+    @staticmethod
+    def jobs(state: str | None, cube: str | None, kind: str | None, limit: int | None) -> _Req:
+        return _Req("job_list", _drop_none(state=state, cube=cube, kind=kind, limit=limit))
+
+    @staticmethod
+    def tier_run(cube: str, policy: str, wait: bool, timeout: float | None) -> _Req:
+        return _Req(
+            "tier_run", _drop_none(cube=cube, policy=policy, wait=wait, timeout=timeout), _dicts
+        )
+
+
+def _dicts(wire: Any) -> list[dict[str, Any]]:
+    if type(wire) is not list or any(type(w) is not dict for w in wire):
+        raise _bad("job list")
+    return wire
+
+
+def _dict(wire: Any) -> dict[str, Any]:
+    if type(wire) is not dict:
+        raise _bad("job")
+    return wire
+
+
+#: How long ``wait_job`` sleeps between polls (grows to the second value).
+_WAIT_POLL_S: Final = (0.02, 0.5)
+
+
+def _wait_timeout(job_id: str, timeout: float) -> Unavailable:
+    return Unavailable(f"job {job_id} did not end within {timeout:g}s", reason="timeout")
+
+
+def _tier_run_timeout(timeout: float | None, wait: bool, base: float) -> float:
+    """The request timeout of ``tier_run``: the run's own (daemon default 300 s) + a margin."""
+    if not wait:
+        return base
+    return max(base, (timeout if timeout is not None else 300.0) + 10.0)
+
 
 def _export_bytes(wire: Any) -> bytes:
     data = wire.get("data") if type(wire) is dict else None
     if type(data) is not bytes:
         raise _bad("export_cube")
     return data
+
+
+# --- activation memory (KV caches) -------------------------------------------------------
+
+#: ``kv_build``/``kv_rebuild`` with ``wait``: the daemon's default wait (s).
+_KV_WAIT_S: Final = 300.0
+
+
+def _kv_ref(id: str | None, name: str | None) -> dict[str, Any]:
+    if (id is None) == (name is None):
+        raise BadRequest("give exactly one of `id` and `name`", reason="bad_arg")
+    return _drop_none(id=id, name=name)
+
+
+def _kv_build_args(
+    cube: str,
+    model: str | os.PathLike[str],
+    *,
+    items: Sequence[str] | None,
+    tier: str | None,
+    query: str | None,
+    top: int | None,
+    options: Mapping[str, Any],
+) -> dict[str, Any]:
+    return _drop_none(
+        cube=cube,
+        model=str(Path(model).expanduser().absolute()),
+        items=list(items) if items is not None else None,
+        tier=tier,
+        query=query,
+        top=top,
+        **options,
+    )
+
+
+def _kv_wait_timeout(base: float, wait: bool, timeout: float | None) -> float:
+    return max(base, (timeout if timeout is not None else _KV_WAIT_S) + 10.0) if wait else base
+
+
+def _kv_build_result(wire: Any) -> dict[str, Any]:
+    out = _dict(wire)
+    if "item" in out:
+        out["item"] = item_from_wire(out["item"])
+    return out
+
+
+def _kv_fingerprint(backend: Any) -> str:
+    fingerprint = backend if isinstance(backend, str) else getattr(backend, "fingerprint", None)
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise BadRequest("kv_get needs a model backend (or its fingerprint)", reason="bad_arg")
+    return fingerprint
+
+
+def _kv_loaded(wire: Any, fingerprint: str) -> LoadedCache:
+    """The ``kv_get`` reply as a LoadedCache (tensors alias the received frames)."""
+    from memosd.kv.cache import check_fingerprint  # noqa: PLC0415 - torch: only for KV
+    from memosd.kv.frames import frames_to_cache  # noqa: PLC0415
+
+    if type(wire) is not dict or type(wire.get("tensors")) is not list:
+        raise _bad("kv_get")
+    header = dict(wire)
+    loaded = frames_to_cache(header, header.pop("tensors"))
+    check_fingerprint(loaded.fingerprint, fingerprint)
+    return loaded
+
+
+# --- parameter memory (LoRA adapters) ------------------------------------------------------
+
+#: ``lora_train``/``lora_retrain`` with ``wait``: the daemon's default wait (s).
+_LORA_WAIT_S: Final = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoraAdapter:
+    """One version of a cube's LoRA adapter as ``lora_get`` returns it.
+
+    ``data`` is the safetensors blob (peft's adapter state dict, the base
+    model's fingerprint and the LoRA config in its header); ``manifest`` is
+    what it was trained on and how (docs/parameter-memory.md).
+    """
+
+    cube: str
+    version: int
+    item_id: str
+    status: str
+    sha256: str
+    base_fingerprint: str
+    manifest: dict[str, Any]
+    data: bytes = field(repr=False)
+
+    def load(self, backend: Any, *, into: Any = None, adapter_name: str = "default") -> Any:
+        """A peft model: ``backend``'s model (deep-copied) or ``into`` with this adapter.
+
+        ``Conflict(reason="fingerprint_mismatch")`` if the backend is another model.
+        """
+        return load_lora(self, backend, into=into, adapter_name=adapter_name)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write a peft adapter directory (``PeftModel.from_pretrained`` reads it)."""
+        return save_lora(self, directory)
+
+
+def _lora_adapter(wire: Any) -> LoraAdapter:
+    if type(wire) is not dict or type(wire.get("adapter")) is not bytes:
+        raise _bad("lora_get")
+    try:
+        return LoraAdapter(
+            cube=str(wire["cube"]),
+            version=int(wire["version"]),
+            item_id=str(wire["item_id"]),
+            status=str(wire.get("status", "")),
+            sha256=str(wire["sha256"]),
+            base_fingerprint=str(wire["base_fingerprint"]),
+            manifest=dict(wire.get("manifest") or {}),
+            data=wire["adapter"],
+        )
+    except (KeyError, TypeError, ValueError):
+        raise _bad("lora_get") from None
+
+
+def _lora_fingerprint(backend: Any) -> str | None:
+    if backend is None:
+        return None
+    fingerprint = backend if isinstance(backend, str) else getattr(backend, "fingerprint", None)
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise BadRequest("expected a model backend (or its fingerprint)", reason="bad_arg")
+    return fingerprint
+
+
+def _lora_wait_timeout(base: float, wait: bool, timeout: float | None) -> float:
+    return max(base, (timeout if timeout is not None else _LORA_WAIT_S) + 10.0) if wait else base
+
+
+def _lora_train_args(
+    cube: str,
+    model: str | os.PathLike[str],
+    *,
+    from_tier: str | None,
+    items: Sequence[str] | None,
+    settings: Mapping[str, Any] | None,
+    dtype: str | None,
+    wait: bool,
+    timeout: float | None,
+) -> dict[str, Any]:
+    return _drop_none(
+        cube=cube,
+        model=str(Path(model).expanduser().absolute()),
+        from_tier=from_tier,
+        items=list(items) if items is not None else None,
+        settings=dict(settings) if settings else None,
+        dtype=dtype,
+        wait=wait or None,
+        timeout=timeout,
+    )
+
+
+def _lora_retrain_args(
+    cube: str,
+    model: str | os.PathLike[str] | None,
+    *,
+    settings: Mapping[str, Any] | None,
+    dtype: str | None,
+    wait: bool,
+    timeout: float | None,
+) -> dict[str, Any]:
+    return _drop_none(
+        cube=cube,
+        model=str(Path(model).expanduser().absolute()) if model is not None else None,
+        settings=dict(settings) if settings else None,
+        dtype=dtype,
+        wait=wait or None,
+        timeout=timeout,
+    )
+
+
+def load_lora(
+    adapter: LoraAdapter, backend: Any, *, into: Any = None, adapter_name: str = "default"
+) -> Any:
+    """A peft model with ``adapter`` loaded (see :meth:`LoraAdapter.load`); imports torch."""
+    import copy  # noqa: PLC0415
+
+    from memosd.lora.adapter import attach_adapter, decode_adapter  # noqa: PLC0415 - torch
+
+    model = into if into is not None else copy.deepcopy(backend.model)
+    return attach_adapter(
+        model,
+        decode_adapter(adapter.data),
+        model_fingerprint=str(backend.fingerprint),
+        adapter_name=adapter_name,
+    )
+
+
+def combine_lora(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float],
+    backend: Any,
+    *,
+    combination_type: str = "cat",
+) -> Any:
+    """One peft model serving ``sum(w_i * adapter_i)`` over a copy of ``backend``'s model.
+
+    ``combination_type="cat"`` (default) is exact; peft's others (``"linear"``,
+    ``"svd"``...) are passed through to ``add_weighted_adapter``.  Every
+    adapter's fingerprint is checked against the backend's.
+    """
+    from memosd.lora.adapter import combine_adapters, decode_adapter  # noqa: PLC0415 - torch
+
+    return combine_adapters(
+        [decode_adapter(a.data) for a in adapters],
+        weights,
+        backend.model,
+        model_fingerprint=str(backend.fingerprint),
+        combination_type=combination_type,
+    )
+
+
+def save_lora(adapter: LoraAdapter, directory: str | os.PathLike[str]) -> Path:
+    """Write ``adapter`` as a peft adapter directory; returns it.
+
+    ``adapter_model.safetensors`` (the blob as is), ``adapter_config.json``
+    (peft's ``LoraConfig``, ``base_model_name_or_path`` = the base model's
+    directory on the daemon's host) and ``memosd_manifest.json``.
+    """
+    import json  # noqa: PLC0415
+
+    from memosd.lora.adapter import decode_adapter, lora_config  # noqa: PLC0415 - torch
+
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    blob = decode_adapter(adapter.data)
+    config = lora_config(blob.config)
+    base = adapter.manifest.get("base_model") or {}
+    config.base_model_name_or_path = base.get("path")
+    config.save_pretrained(str(target))
+    (target / "adapter_model.safetensors").write_bytes(adapter.data)
+    manifest = {
+        **adapter.manifest,
+        "cube": adapter.cube,
+        "version": adapter.version,
+        "item_id": adapter.item_id,
+    }
+    (target / "memosd_manifest.json").write_text(
+        json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
+    )
+    return target
 
 
 # --- the sync client ---------------------------------------------------------------------
@@ -431,8 +725,13 @@ class Client(_Base):
         *,
         frames: Iterable[bytes] = (),
         timeout: float | None = None,
+        copy: bool = True,
     ) -> Any:
-        """Send one request and wait for its result (raw wire form)."""
+        """Send one request and wait for its result (raw wire form).
+
+        ``copy=False`` receives the reply's extra frames as ``zmq.Frame``
+        objects (zero-copy buffers, e.g. ``kv_get``'s tensors) instead of bytes.
+        """
         sock = self._socket()
         rid = next(self._ids)
         wait_s = self.timeout if timeout is None else timeout
@@ -450,9 +749,11 @@ class Client(_Base):
                 sock.setsockopt(zmq.RCVTIMEO, remaining_ms)
                 self._local.rcvtimeo = remaining_ms
             try:
-                reply = sock.recv_multipart()
+                reply: list[Any] = list(sock.recv_multipart(0, copy=copy))
             except zmq.Again:
                 raise self._timeout_error(op, wait_s) from None
+            if not copy and reply:
+                reply[0] = reply[0].bytes
             got, ok, payload = decode_response(reply)
             if got == rid:
                 return self._result(ok, payload)
@@ -699,6 +1000,236 @@ class Client(_Base):
             sub.close()
             raise
         return sub
+
+    # --- jobs and tiers ---
+    def jobs(
+        self,
+        *,
+        state: str | None = None,
+        cube: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Background jobs you may see, newest first (``job_list``)."""
+        return _dicts(self._do(_Requests.jobs(state, cube, kind, limit)))
+
+    def job(self, id: str) -> dict[str, Any]:
+        """One job: state, attempts, progress, message, result, error, history."""
+        return _dict(self.call("job_get", {"id": id}))
+
+    def cancel_job(self, id: str) -> dict[str, Any]:
+        """Cancel a queued job; ask a running one to stop (``cancel_requested``)."""
+        return _dict(self.call("job_cancel", {"id": id}))
+
+    def wait_job(self, id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Poll until the job ends; Unavailable(reason="timeout") after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = _WAIT_POLL_S[0]
+        while True:
+            job = self.job(id)
+            if job.get("terminal"):
+                return job
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _wait_timeout(id, timeout or 0.0)
+                pause = min(pause, left)
+            time.sleep(pause)
+            pause = min(pause * 2, _WAIT_POLL_S[1])
+
+    def tier_run(
+        self, cube: str, policy: str, *, wait: bool = True, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Queue ``policy``'s on-demand jobs on ``cube``; with ``wait``, run them in turn.
+
+        ``timeout``: seconds the whole run may take when waiting (daemon default 300).
+        """
+        req = _Requests.tier_run(cube, policy, wait, timeout)
+        wire = self.call(req.op, req.args, timeout=_tier_run_timeout(timeout, wait, self.timeout))
+        return _dicts(wire)
+
+    def tier_report(self, cube: str) -> dict[str, Any]:
+        """Per enabled policy and tier: item counts, bytes, heat histogram."""
+        return _dict(self.call("tier_report", {"cube": cube}))
+
+    def tier_policies(self) -> dict[str, Any]:
+        """Registered tier policies (settings, job kinds), defaults, every job kind."""
+        return _dict(self.call("tier_policies"))
+
+    # --- activation memory (KV caches) ---
+    def kv_build(
+        self,
+        cube: str,
+        *,
+        model: str | os.PathLike[str],
+        items: Sequence[str] | None = None,
+        tier: str | None = None,
+        query: str | None = None,
+        top: int | None = None,
+        dtype: str | None = None,
+        name: str | None = None,
+        quant: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Build a KV cache of ``items`` / a ``tier`` / the ``top`` hits of ``query``.
+
+        Queues a ``kv.build`` job; with ``wait`` returns ``{"job", "item", "info"}``
+        when it is done (the job's error is raised), else ``{"job"}``.
+        """
+        options = _drop_none(dtype=dtype, name=name, quant=quant, wait=wait, timeout=timeout)
+        args = _kv_build_args(
+            cube, model, items=items, tier=tier, query=query, top=top, options=options
+        )
+        wire = self.call("kv_build", args, timeout=_kv_wait_timeout(self.timeout, wait, timeout))
+        return _kv_build_result(wire)
+
+    def kv_get(
+        self,
+        cube: str,
+        id: str | None = None,
+        backend: Any = None,
+        *,
+        name: str | None = None,
+        allow_stale: bool = False,
+    ) -> LoadedCache:
+        """The KV cache ``id`` (or ``name``) for ``backend``'s model, ready to inject.
+
+        ``backend`` is a :class:`memosd.models.ModelBackend` (or its fingerprint);
+        a cache of another model raises ``Conflict(fingerprint_mismatch)``.
+        Pass ``loaded.cache`` (a fresh copy each time) as ``past_key_values``.
+        """
+        fingerprint = _kv_fingerprint(backend)
+        args = {"cube": cube, "fingerprint": fingerprint, **_kv_ref(id, name)}
+        if allow_stale:
+            args["allow_stale"] = True
+        return _kv_loaded(self.call("kv_get", args, copy=False), fingerprint)
+
+    def kv_list(self, cube: str) -> list[dict[str, Any]]:
+        """The KV caches of ``cube`` (``KvInfo`` dicts)."""
+        return _dicts(self.call("kv_list", {"cube": cube}))
+
+    def kv_show(
+        self, cube: str, id: str | None = None, *, name: str | None = None
+    ) -> dict[str, Any]:
+        return _dict(self.call("kv_show", {"cube": cube, **_kv_ref(id, name)}))
+
+    def kv_drop(self, cube: str, id: str | None = None, *, name: str | None = None) -> PurgeRecord:
+        """Purge a KV cache; its tensors go unless another cache shares them."""
+        return _purge(self.call("kv_drop", {"cube": cube, **_kv_ref(id, name)}))
+
+    def kv_rebuild(
+        self,
+        cube: str,
+        id: str | None = None,
+        *,
+        name: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Queue rebuilds: of one cache (even if fresh), or of every stale cache of ``cube``."""
+        args: dict[str, Any] = {"cube": cube, **_drop_none(id=id, name=name)}
+        args.update(_drop_none(wait=wait, timeout=timeout))
+        wire = self.call("kv_rebuild", args, timeout=_kv_wait_timeout(self.timeout, wait, timeout))
+        return _dicts(_dict(wire).get("jobs"))
+
+    # --- parameter memory (LoRA) ---
+    def lora_train(
+        self,
+        cube: str,
+        model: str | os.PathLike[str],
+        *,
+        from_tier: str | None = None,
+        items: Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        dtype: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Queue a ``lora.train`` job (the model directory is on the daemon's host).
+
+        ``from_tier`` (default ``long``) or ``items``; ``settings`` overrides
+        hyperparameters (``memosd.lora.LoraSettings`` fields).  Returns the job;
+        with ``wait``, once it ended (its ``result`` describes the adapter).
+        """
+        args = _lora_train_args(
+            cube,
+            model,
+            from_tier=from_tier,
+            items=items,
+            settings=settings,
+            dtype=dtype,
+            wait=wait,
+            timeout=timeout,
+        )
+        wire = self.call(
+            "lora_train", args, timeout=_lora_wait_timeout(self.timeout, wait, timeout)
+        )
+        return _dict(wire)
+
+    def lora_show(self, cube: str, version: int | None = None) -> dict[str, Any]:
+        """The adapter's versions (status, items, metrics), or one version with its manifest."""
+        return _dict(self.call("lora_show", _drop_none(cube=cube, version=version)))
+
+    def lora_get(
+        self, cube: str, version: int | None = None, *, backend: Any = None
+    ) -> LoraAdapter:
+        """One version (the active one by default) with its bytes and manifest.
+
+        With ``backend`` (or its fingerprint), an adapter of another base model
+        is refused before it is sent (``Conflict``, ``fingerprint_mismatch``).
+        """
+        fingerprint = _lora_fingerprint(backend)
+        args = _drop_none(cube=cube, version=version, fingerprint=fingerprint)
+        return _lora_adapter(self.call("lora_get", args))
+
+    def lora_model(self, cube: str, backend: Any, *, version: int | None = None) -> Any:
+        """Fetch a cube's adapter and load it over a copy of ``backend``'s model (peft)."""
+        return self.lora_get(cube, version, backend=backend).load(backend)
+
+    def lora_combine(
+        self,
+        sources: Sequence[str | tuple[str, int]],
+        weights: Sequence[float],
+        backend: Any,
+        *,
+        combination_type: str = "cat",
+    ) -> Any:
+        """One peft model mixing several cubes' adapters (``(cube, version)`` or a cube)."""
+        adapters = [
+            self.lora_get(s, backend=backend)
+            if isinstance(s, str)
+            else self.lora_get(s[0], s[1], backend=backend)
+            for s in sources
+        ]
+        return combine_lora(adapters, weights, backend, combination_type=combination_type)
+
+    def lora_rollback(self, cube: str, version: int) -> dict[str, Any]:
+        """A new adapter version equal to ``version`` (stale versions are refused)."""
+        return _dict(self.call("lora_rollback", {"cube": cube, "version": version}))
+
+    def lora_retrain(
+        self,
+        cube: str,
+        *,
+        model: str | os.PathLike[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        dtype: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Queue (or find) the ``lora.retrain`` job: retrain without purged items."""
+        args = _lora_retrain_args(
+            cube, model, settings=settings, dtype=dtype, wait=wait, timeout=timeout
+        )
+        wire = self.call(
+            "lora_retrain", args, timeout=_lora_wait_timeout(self.timeout, wait, timeout)
+        )
+        return _dict(wire)
+
+    def lora_forget(self, cube: str) -> dict[str, Any]:
+        """Forget the stale adapter versions now (blobs deleted), without retraining."""
+        return _dict(self.call("lora_forget", {"cube": cube}))
 
 
 class Subscription:
@@ -1111,6 +1642,239 @@ class AsyncClient(_Base):
             sub.close()
             raise
         return sub
+
+    # --- jobs and tiers ---
+    async def jobs(
+        self,
+        *,
+        state: str | None = None,
+        cube: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        return _dicts(await self._do(_Requests.jobs(state, cube, kind, limit)))
+
+    async def job(self, id: str) -> dict[str, Any]:
+        return _dict(await self.call("job_get", {"id": id}))
+
+    async def cancel_job(self, id: str) -> dict[str, Any]:
+        return _dict(await self.call("job_cancel", {"id": id}))
+
+    async def wait_job(self, id: str, timeout: float | None = None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = _WAIT_POLL_S[0]
+        while True:
+            job = await self.job(id)
+            if job.get("terminal"):
+                return job
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _wait_timeout(id, timeout or 0.0)
+                pause = min(pause, left)
+            await anyio.sleep(pause)
+            pause = min(pause * 2, _WAIT_POLL_S[1])
+
+    async def tier_run(
+        self, cube: str, policy: str, *, wait: bool = True, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        req = _Requests.tier_run(cube, policy, wait, timeout)
+        wire = await self.call(
+            req.op, req.args, timeout=_tier_run_timeout(timeout, wait, self.timeout)
+        )
+        return _dicts(wire)
+
+    async def tier_report(self, cube: str) -> dict[str, Any]:
+        return _dict(await self.call("tier_report", {"cube": cube}))
+
+    async def tier_policies(self) -> dict[str, Any]:
+        return _dict(await self.call("tier_policies"))
+
+    # --- activation memory (KV caches) ---
+    async def kv_build(
+        self,
+        cube: str,
+        *,
+        model: str | os.PathLike[str],
+        items: Sequence[str] | None = None,
+        tier: str | None = None,
+        query: str | None = None,
+        top: int | None = None,
+        dtype: str | None = None,
+        name: str | None = None,
+        quant: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Build a KV cache of ``items`` / a ``tier`` / the ``top`` hits of ``query``.
+
+        Queues a ``kv.build`` job; with ``wait`` returns ``{"job", "item", "info"}``
+        when it is done (the job's error is raised), else ``{"job"}``.
+        """
+        options = _drop_none(dtype=dtype, name=name, quant=quant, wait=wait, timeout=timeout)
+        args = _kv_build_args(
+            cube, model, items=items, tier=tier, query=query, top=top, options=options
+        )
+        wire = await self.call(
+            "kv_build", args, timeout=_kv_wait_timeout(self.timeout, wait, timeout)
+        )
+        return _kv_build_result(wire)
+
+    async def kv_get(
+        self,
+        cube: str,
+        id: str | None = None,
+        backend: Any = None,
+        *,
+        name: str | None = None,
+        allow_stale: bool = False,
+    ) -> LoadedCache:
+        """The KV cache ``id`` (or ``name``) for ``backend``'s model, ready to inject.
+
+        ``backend`` is a :class:`memosd.models.ModelBackend` (or its fingerprint);
+        a cache of another model raises ``Conflict(fingerprint_mismatch)``.
+        Pass ``loaded.cache`` (a fresh copy each time) as ``past_key_values``.
+        """
+        fingerprint = _kv_fingerprint(backend)
+        args = {"cube": cube, "fingerprint": fingerprint, **_kv_ref(id, name)}
+        if allow_stale:
+            args["allow_stale"] = True
+        return _kv_loaded(await self.call("kv_get", args), fingerprint)
+
+    async def kv_list(self, cube: str) -> list[dict[str, Any]]:
+        """The KV caches of ``cube`` (``KvInfo`` dicts)."""
+        return _dicts(await self.call("kv_list", {"cube": cube}))
+
+    async def kv_show(
+        self, cube: str, id: str | None = None, *, name: str | None = None
+    ) -> dict[str, Any]:
+        return _dict(await self.call("kv_show", {"cube": cube, **_kv_ref(id, name)}))
+
+    async def kv_drop(
+        self, cube: str, id: str | None = None, *, name: str | None = None
+    ) -> PurgeRecord:
+        """Purge a KV cache; its tensors go unless another cache shares them."""
+        return _purge(await self.call("kv_drop", {"cube": cube, **_kv_ref(id, name)}))
+
+    async def kv_rebuild(
+        self,
+        cube: str,
+        id: str | None = None,
+        *,
+        name: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Queue rebuilds: of one cache (even if fresh), or of every stale cache of ``cube``."""
+        args: dict[str, Any] = {"cube": cube, **_drop_none(id=id, name=name)}
+        args.update(_drop_none(wait=wait, timeout=timeout))
+        wire = await self.call(
+            "kv_rebuild", args, timeout=_kv_wait_timeout(self.timeout, wait, timeout)
+        )
+        return _dicts(_dict(wire).get("jobs"))
+
+    # --- parameter memory (LoRA) ---
+    async def lora_train(
+        self,
+        cube: str,
+        model: str | os.PathLike[str],
+        *,
+        from_tier: str | None = None,
+        items: Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        dtype: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Queue a ``lora.train`` job (the model directory is on the daemon's host).
+
+        ``from_tier`` (default ``long``) or ``items``; ``settings`` overrides
+        hyperparameters (``memosd.lora.LoraSettings`` fields).  Returns the job;
+        with ``wait``, once it ended (its ``result`` describes the adapter).
+        """
+        args = _lora_train_args(
+            cube,
+            model,
+            from_tier=from_tier,
+            items=items,
+            settings=settings,
+            dtype=dtype,
+            wait=wait,
+            timeout=timeout,
+        )
+        wire = await self.call(
+            "lora_train", args, timeout=_lora_wait_timeout(self.timeout, wait, timeout)
+        )
+        return _dict(wire)
+
+    async def lora_show(self, cube: str, version: int | None = None) -> dict[str, Any]:
+        """The adapter's versions (status, items, metrics), or one version with its manifest."""
+        return _dict(await self.call("lora_show", _drop_none(cube=cube, version=version)))
+
+    async def lora_get(
+        self, cube: str, version: int | None = None, *, backend: Any = None
+    ) -> LoraAdapter:
+        """One version (the active one by default) with its bytes and manifest.
+
+        With ``backend`` (or its fingerprint), an adapter of another base model
+        is refused before it is sent (``Conflict``, ``fingerprint_mismatch``).
+        """
+        fingerprint = _lora_fingerprint(backend)
+        args = _drop_none(cube=cube, version=version, fingerprint=fingerprint)
+        return _lora_adapter(await self.call("lora_get", args))
+
+    async def lora_model(self, cube: str, backend: Any, *, version: int | None = None) -> Any:
+        """Fetch a cube's adapter and load it over a copy of ``backend``'s model (peft)."""
+        adapter = await self.lora_get(cube, version, backend=backend)
+        return await anyio.to_thread.run_sync(adapter.load, backend)
+
+    async def lora_combine(
+        self,
+        sources: Sequence[str | tuple[str, int]],
+        weights: Sequence[float],
+        backend: Any,
+        *,
+        combination_type: str = "cat",
+    ) -> Any:
+        """One peft model mixing several cubes' adapters (``(cube, version)`` or a cube)."""
+        adapters = [
+            await self.lora_get(s, backend=backend)
+            if isinstance(s, str)
+            else await self.lora_get(s[0], s[1], backend=backend)
+            for s in sources
+        ]
+
+        def combine() -> Any:
+            return combine_lora(adapters, weights, backend, combination_type=combination_type)
+
+        return await anyio.to_thread.run_sync(combine)
+
+    async def lora_rollback(self, cube: str, version: int) -> dict[str, Any]:
+        """A new adapter version equal to ``version`` (stale versions are refused)."""
+        return _dict(await self.call("lora_rollback", {"cube": cube, "version": version}))
+
+    async def lora_retrain(
+        self,
+        cube: str,
+        *,
+        model: str | os.PathLike[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        dtype: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Queue (or find) the ``lora.retrain`` job: retrain without purged items."""
+        args = _lora_retrain_args(
+            cube, model, settings=settings, dtype=dtype, wait=wait, timeout=timeout
+        )
+        wire = await self.call(
+            "lora_retrain", args, timeout=_lora_wait_timeout(self.timeout, wait, timeout)
+        )
+        return _dict(wire)
+
+    async def lora_forget(self, cube: str) -> dict[str, Any]:
+        """Forget the stale adapter versions now (blobs deleted), without retraining."""
+        return _dict(await self.call("lora_forget", {"cube": cube}))
 
 
 class AsyncSubscription:

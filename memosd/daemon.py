@@ -52,6 +52,9 @@ from memosd import __version__, sdnotify
 from memosd.engine import Engine, EngineSettings
 from memosd.errors import MemosError
 from memosd.logs import configure_logging
+from memosd.models.cache import ModelCache
+from memosd.ops_kv import KvRuntime
+from memosd.ops_lora import LoraRuntime
 from memosd.plugins.manager import RequiredPluginError
 from memosd.plugins.runtime import PluginRuntime, load_plugins
 from memosd.scheduling import SchedulerRuntime, open_scheduler
@@ -201,8 +204,30 @@ def _engine_settings(settings: Settings) -> EngineSettings:
     )
 
 
-def open_search(settings: Settings, engine: Any) -> Any:
-    """The search indexes over ``engine`` (blocking: loads the embedder), or None."""
+def model_backend(settings: Settings, plugins: PluginRuntime | None) -> Any:
+    """The loader of the model backend ``models.backend`` names (a plugin's or ``hf``)."""
+    name = settings.models.backend
+    registered = plugins.manager.model_backends if plugins is not None else {}
+    if name in registered:
+        return registered[name][1]
+    if name == "hf":  # no plugin manager (embedded use): the built-in backend
+        from memosd.models.backend import HFBackend  # noqa: PLC0415
+
+        return HFBackend.load
+    raise DaemonExitError(
+        EXIT_CONFIG,
+        f"models.backend = {name!r}: no plugin registers that model backend "
+        f"(registered: {', '.join(sorted(registered)) or 'none'})",
+    )
+
+
+def open_search(settings: Settings, engine: Any, plugins: PluginRuntime | None = None) -> Any:
+    """The search indexes over ``engine`` (blocking: loads the embedder), or None.
+
+    ``index.embedder`` names ``minilm``, ``hashing``, an embedder a plugin
+    registers (``register_embedders``), or a local model directory.  What is
+    indexed for an item comes from its memory form (``MemoryForm.index_text``).
+    """
     ix = settings.index
     if not ix.enabled:
         return None
@@ -215,8 +240,18 @@ def open_search(settings: Settings, engine: Any) -> Any:
     )
     from memosd.index import IndexSettings, SearchService  # noqa: PLC0415
 
+    manager = plugins.manager if plugins is not None else None
     embedder: Embedder
-    if ix.embedder == "minilm":
+    if manager is not None and ix.embedder in manager.embedders:
+        # The built-ins (minilm, hashing) register through the same hook.
+        plugin, factory = manager.embedders[ix.embedder]
+        try:
+            embedder = factory()
+        except Exception as exc:  # a plugin's bug is a start-up config error, named
+            raise DaemonExitError(
+                EXIT_CONFIG, f"embedder {ix.embedder!r} of plugin {plugin!r} failed: {exc}"
+            ) from exc
+    elif ix.embedder == "minilm":
         embedder = MiniLMEmbedder()
     elif ix.embedder == "hashing":
         embedder = HashingEmbedder(384)
@@ -226,10 +261,12 @@ def open_search(settings: Settings, engine: Any) -> Any:
         engine,
         settings.data_dir,
         embedder=embedder,
+        form_text=manager.forms.index_text if manager is not None else None,
         settings=IndexSettings(
             hnsw_threshold=ix.hnsw_threshold,
             ef_search=ix.ef_search,
             fusion=ix.fusion,
+            neighbour_weight=ix.neighbour_weight,
             wait_timeout_s=ix.wait_timeout_s,
         ),
     )
@@ -297,14 +334,25 @@ async def serve(
         engine = await _open_engine(settings, engine_factory)
         search = None
         scheduler = None
+        kv = None
+        lora = None
         try:
             sdnotify.status("loading the search indexes")
-            search = await anyio.to_thread.run_sync(open_search, settings, engine)
+            search = await anyio.to_thread.run_sync(open_search, settings, engine, plugins)
+            # Loaded model backends (shared by KV and LoRA) and activation memory.
+            models = ModelCache.from_settings(
+                settings.models,
+                fingerprint_cache_dir=settings.data_dir / "cache",
+                loader=model_backend(settings, plugins),
+            )
+            kv = KvRuntime(engine, settings, models, search=search)
+            lora = LoraRuntime.from_settings(engine, settings.lora)  # parameter memory
             scheduler = open_scheduler(
                 settings.scheduler,
                 engine,
                 plugins=plugins,
                 embedder=search.embedder if search is not None else None,
+                handlers={**kv.handlers(), **lora.handlers()},
             )
             return await _serve_engine(
                 settings,
@@ -314,8 +362,15 @@ async def serve(
                 search=search,
                 plugins=plugins,
                 scheduler=scheduler,
+                models=models,
+                kv=kv,
+                lora=lora,
             )
         finally:
+            if kv is not None:
+                kv.close()
+            if lora is not None:
+                lora.close()
             if scheduler is not None:
                 sdnotify.status("stopping background jobs")
                 try:
@@ -355,6 +410,9 @@ async def _serve_engine(
     search: Any = None,
     plugins: PluginRuntime | None = None,
     scheduler: SchedulerRuntime | None = None,
+    models: ModelCache | None = None,
+    kv: KvRuntime | None = None,
+    lora: LoraRuntime | None = None,
 ) -> int:
     prepare_socket_path(settings.socket)
     prepare_socket_path(settings.events_socket)
@@ -367,6 +425,8 @@ async def _serve_engine(
         plugins=plugins.manager if plugins is not None else None,
         scheduler=scheduler,
     )
+    service.models = models
+    service.kv = kv
     server = Server(
         service,
         settings.server,
@@ -410,6 +470,10 @@ async def _serve_engine(
         if scheduler is not None:
             # After recovery and the indexes: jobs interrupted by a crash restart now.
             await anyio.to_thread.run_sync(scheduler.start, server.publish_threadsafe)
+        if kv is not None:  # stale-cache watcher (queues kv.rebuild jobs)
+            kv.start(scheduler.runner if scheduler is not None else None)
+        if lora is not None:  # svc.lora; stale-adapter watcher (queues lora.retrain jobs)
+            lora.attach(service)
         tg.start_soon(wait_for_trigger)
         tg.start_soon(watch_health)
         interval = sdnotify.watchdog_interval_s()

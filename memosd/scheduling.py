@@ -93,7 +93,12 @@ def open_scheduler(
             _log.warning("a plugin's job handler is shadowed by a built-in one", kind=kind)
         all_handlers[kind] = handler
     runner = JobRunner(
-        engine, all_handlers, concurrency=settings.concurrency, poll_s=settings.poll_s
+        engine,
+        all_handlers,
+        concurrency=settings.concurrency,
+        poll_s=settings.poll_s,
+        retention_s=settings.job_retention_s,
+        failed_retention_s=settings.failed_job_retention_s,
     )
     tiers = TierScheduler(
         engine,

@@ -51,8 +51,8 @@ from memosd.auth import (
 )
 from memosd.errors import BadRequest, InternalError, NotFound, Unavailable
 from memosd.memcube.model import CubeConfig, validate_cube_config, validate_cube_name
-from memosd.plugins.runtime import plugins_result, validate_add, validate_update
-from memosd.portable import dump_cube, load_cube
+from memosd.plugins.runtime import check_forms, plugins_result, validate_add, validate_update
+from memosd.portable import FormBlobs, check_blobs, dump_cube, export_blobs, read_portable
 from memosd.protocol import FRAME_KEY, PROTOCOL_VERSION, Reply, Request, item_to_wire, to_wire
 
 __all__ = ["OPS", "Args", "Service", "lexical_scan_search"]
@@ -298,6 +298,12 @@ class Service:
         self.engine = engine
         # memosd.scheduling.SchedulerRuntime (job runner + tier scheduler), or None.
         self.scheduler = scheduler
+        # memosd.models.cache.ModelCache (loaded model backends), or None; set by the daemon.
+        self.models: Any = None
+        # memosd.ops_kv.KvRuntime (activation memory), or None; set by the daemon.
+        self.kv: Any = None
+        # memosd.ops_lora.LoraRuntime (parameter memory), or None; set by the daemon.
+        self.lora: Any = None
         # memosd.plugins.manager.PluginManager; None: items are not checked by form.
         self.plugins = plugins
         # memosd.index.SearchService, or None (index.enabled = false).
@@ -1030,7 +1036,10 @@ async def _export_cube(svc: Service, call: Call) -> Any:
     svc.require(call.identity, name, "owner")
 
     def export() -> bytes:
-        return bytes(dump_cube(svc.engine.export_cube(name)))
+        export = svc.engine.export_cube(name)
+        forms = FormBlobs(svc.plugins.forms if svc.plugins is not None else None)
+        blobs = export_blobs(export, svc.engine.blobs.read, forms)
+        return bytes(dump_cube(export, blobs=blobs))
 
     data = await svc.run(export)
     return Reply({"name": name, "bytes": len(data), "data": {FRAME_KEY: 1}}, [data])
@@ -1050,7 +1059,14 @@ async def _import_cube(svc: Service, call: Call) -> Any:
     svc.require_writable()
 
     def load_and_import() -> Any:
-        export = load_cube(data)
+        portable = read_portable(data)
+        export = portable.export
+        if svc.plugins is not None:
+            check_forms(svc.plugins.forms, export)
+        forms = FormBlobs(svc.plugins.forms if svc.plugins is not None else None)
+        check_blobs(export, portable.blobs, forms)
+        for blob in portable.blobs.values():
+            svc.engine.blobs.put_bytes(blob)  # pinned until the import commits
         return svc.engine.import_cube(
             export,
             name=name,
@@ -1060,3 +1076,8 @@ async def _import_cube(svc: Service, call: Call) -> Any:
 
     cube = await svc.run_acl_change(load_and_import)
     return _cube_wire(cube, "owner")
+
+
+from memosd import ops_jobs as _ops_jobs  # noqa: E402,F401 - registers ops
+from memosd import ops_kv as _ops_kv  # noqa: E402,F401 - registers ops
+from memosd import ops_lora as _ops_lora  # noqa: E402,F401 - registers ops

@@ -56,7 +56,10 @@ __all__ = [
     "SYSTEM_SOCKET_PATH",
     "AuthSettings",
     "IndexSectionSettings",
+    "KvSettings",
     "LogSettings",
+    "LoraSectionSettings",
+    "ModelsSettings",
     "PluginSettings",
     "SchedulerSettings",
     "ServerSettings",
@@ -284,7 +287,8 @@ class IndexSectionSettings:
     )
     embedder: str = _setting(
         "minilm",
-        "`minilm` (the embedded all-MiniLM-L6-v2, offline), a path to a local "
+        "`minilm` (the embedded all-MiniLM-L6-v2, offline), the name of an embedder a "
+        "plugin registers (`register_embedders`), a path to a local "
         "sentence-transformers model directory, or `hashing` (a tiny deterministic "
         "embedder for tests only: no semantic quality).",
     )
@@ -300,6 +304,14 @@ class IndexSectionSettings:
         "score",
         "How hybrid search fuses dense and lexical results: weighted `score` or `rrf`.",
         choices=("score", "rrf"),
+    )
+    neighbour_weight: float = _setting(
+        0.3,
+        "Conversation smoothing: a search candidate's score gains this fraction of the "
+        "best score among the items written just before and after it in the same "
+        "session (evidence often sits next to the turn a question matches). 0 turns it off.",
+        minimum=0.0,
+        maximum=10.0,
     )
     wait_timeout_s: float = _setting(
         10.0,
@@ -366,6 +378,144 @@ class SchedulerSettings:
         "Tier policies enabled on a cube whose config does not list its own "
         "(`tier_policy.policies`).",
     )
+    job_retention_s: float = _setting(
+        7 * 86400.0,
+        "Succeeded and cancelled jobs are deleted this long after their last change "
+        "(an hourly sweep; 0 keeps them forever).",
+        unit="s",
+        minimum=0.0,
+    )
+    failed_job_retention_s: float = _setting(
+        30 * 86400.0,
+        "Failed jobs are deleted this long after they failed (kept longer than the others so "
+        "failures stay visible; 0 keeps them forever).",
+        unit="s",
+        minimum=0.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsSettings:
+    """``[models]``: local model directories for activation and parameter memory."""
+
+    backend: str = _setting(
+        "hf",
+        "Model backend that loads a model directory: `hf` (Hugging Face causal LM, "
+        "built in) or a name a plugin registers (`register_model_backends`). KV caches "
+        "are built with it; LoRA training's worker process always loads the model with "
+        "Hugging Face + peft.",
+    )
+
+    allowed_dirs: tuple[str, ...] = _setting(
+        (),
+        "Directories under which non-admin clients may name a model (`kv build --model`, "
+        "LoRA); admins may use any readable directory. Paths are compared after "
+        "resolving symlinks.",
+    )
+    dtype: str = _setting(
+        "float32",
+        "dtype a model is loaded in when the client names none (`auto`: the config's).",
+        choices=("float32", "float16", "bfloat16", "auto"),
+    )
+    device: str = _setting(
+        "cpu",
+        "Device models are loaded on: `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).",
+    )
+    max_loaded: int = _setting(
+        2,
+        "Models kept loaded at once (least recently used dropped first).",
+        minimum=1,
+        maximum=64,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KvSettings:
+    """``[kv]``: activation memory (KV caches, docs/activation-memory.md)."""
+
+    budget_bytes: int = _setting(
+        0,
+        "Byte budget of all stored KV caches (chunk blobs, a shared chunk once); after "
+        "each build the least recently used caches are evicted until they fit. 0: no budget.",
+        unit="bytes",
+        minimum=0,
+        maximum=_INT64_MAX,
+    )
+    eviction: str = _setting(
+        "lru",
+        "Which caches the budget evicts first: `lru` (least recently fetched) or `heat` "
+        "(coldest by hits decayed with a one-hour half-life, or the tier policy's heat).",
+        choices=("lru", "heat"),
+    )
+    ram_cache_bytes: int = _setting(
+        256 * MiB,
+        "Assembled caches kept in the daemon's RAM for `kv_get` (LRU).",
+        unit="bytes",
+        minimum=0,
+        maximum=_INT64_MAX,
+    )
+    quant: str = _setting(
+        "none",
+        "Default storage of new caches: `none` (the model's dtype) or `int8` (keys per "
+        "channel, values per token; about 4x smaller, small logit error).",
+        choices=("none", "int8"),
+    )
+    auto_rebuild: bool = _setting(
+        True,
+        "Queue a `kv.rebuild` job when a source of a KV cache changes, is deleted or "
+        "purged (the cache is marked stale or erased either way).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSectionSettings:
+    """``[lora]``: parameter memory (LoRA adapters, docs/parameter-memory.md).
+
+    The hyperparameters are the daemon's defaults for `lora_train`; a request
+    may override each of them (and the rest of `memosd.lora.LoraSettings`).
+    """
+
+    auto_retrain: bool = _setting(
+        True,
+        "Queue a `lora.retrain` job when an item an adapter was trained on is purged "
+        "(the adapter is stale and never served either way).",
+    )
+    rank: int = _setting(8, "LoRA rank r of each adapted matrix.", minimum=1, maximum=1024)
+    alpha: int = _setting(
+        16, "LoRA scaling numerator: the update is (alpha / rank) * BA.", minimum=1
+    )
+    target_modules: tuple[str, ...] = _setting(
+        ("q_proj", "v_proj"), "Names of the linear modules to adapt."
+    )
+    learning_rate: float = _setting(2e-3, "AdamW learning rate.", minimum=1e-12, maximum=1000.0)
+    epochs: int = _setting(4, "Passes over the training samples.", minimum=1, maximum=1000)
+    batch_size: int = _setting(8, "Samples per optimiser step.", minimum=1, maximum=4096)
+    max_tokens: int = _setting(
+        65_536,
+        "Token budget of the training set (one epoch); later items are skipped.",
+        minimum=1,
+        maximum=1 << 32,
+    )
+    max_seq_len: int = _setting(
+        256, "Tokens per sample; longer memories are truncated.", minimum=2, maximum=1 << 20
+    )
+    min_memory_ppl_drop: float = _setting(
+        0.20,
+        "Promotion gate: perplexity on the trained memories must drop by at least this share.",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    max_control_ppl_rise: float = _setting(
+        0.10,
+        "Promotion gate: perplexity on the shipped control text may rise by at most this share.",
+        minimum=0.0,
+    )
+    torch_threads: int = _setting(
+        0,
+        "torch intra-op threads of the training worker process; 0 = torch's default.",
+        minimum=0,
+        maximum=1024,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +543,9 @@ class Settings:
     index: IndexSectionSettings = field(default_factory=IndexSectionSettings)
     plugins: PluginSettings = field(default_factory=PluginSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    models: ModelsSettings = field(default_factory=ModelsSettings)
+    kv: KvSettings = field(default_factory=KvSettings)
+    lora: LoraSectionSettings = field(default_factory=LoraSectionSettings)
 
 
 _SECTIONS: Final[dict[str, type[Any]]] = {
@@ -403,6 +556,9 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "index": IndexSectionSettings,
     "plugins": PluginSettings,
     "scheduler": SchedulerSettings,
+    "models": ModelsSettings,
+    "kv": KvSettings,
+    "lora": LoraSectionSettings,
 }
 
 _PATH_DEFAULT_DOC: Final[dict[str, str]] = {

@@ -73,6 +73,7 @@ ENTRY_POINT_GROUP: Final = "memosd.plugins"
 DEFAULT_PLUGINS: Final = (
     "memosd.plugins.builtin_forms",
     "memosd.plugins.builtin_policies",
+    "memosd.plugins.builtin_models",
 )
 STATUS_LOADED: Final = "loaded"
 STATUS_FAILED: Final = "failed"
