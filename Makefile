@@ -5,6 +5,6 @@ run:
 # Set up .venv and run the whole test suite (ruff, mypy --strict, pytest).
 test:
 	bash scripts/test.sh
-# Run every benchmark in bench/ and print the tables.
+# Run every benchmark in bench/ and regenerate docs/benchmarks.md (scripts/bench.sh).
 bench:
 	bash scripts/bench.sh
