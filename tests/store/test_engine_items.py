@@ -188,3 +188,18 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     with Engine.open(tmp_path) as eng:
         assert [v.text for v in eng.history("c", item.id)] == ["persist me", "persisted"]
         assert eng.recovery["replayed_records"] == 0  # clean close checkpointed everything
+
+
+def test_get_many_reads_latest_versions_in_one_call(engine: Engine) -> None:
+    a = engine.add("notes", "first")
+    b = engine.add("notes", "second")
+    c = engine.add("notes", "third")
+    engine.update("notes", a.id, text="first, edited")
+    engine.delete("notes", b.id)
+    engine.purge("notes", c.id)
+    got = engine.get_many("notes", [a.id, b.id, c.id, "01NOTANITEM0000000000000000"])
+    assert got[0] is not None
+    assert (got[0].text, got[0].version) == ("first, edited", 2)
+    assert got[1:] == [None, None, None]  # deleted, purged, never existed
+    assert engine.get_many("nope", [a.id]) == [None]
+    assert engine.get_many("notes", []) == []
