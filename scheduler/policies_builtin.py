@@ -255,11 +255,16 @@ class PlaintextTierPolicy:
             key = item.provenance.session or ""
             counts[key] = counts.get(key, 0) + 1
         capacity = int(settings["short_capacity"])
+        max_items = int(settings.get("short_max_items", 0))
         over = [k for k, n in counts.items() if n > capacity]
-        if not over:
+        if not over and not (max_items > 0 and sum(counts.values()) > max_items):
             return []
         for key in over:
             counts[key] = capacity
+        if max_items > 0 and sum(counts.values()) > max_items:
+            # Which sessions lose turns is the job's decision: count again
+            # (the short tier is bounded, so that read is small).
+            self._counts.pop(cube, None)
         delay_us = int(float(settings.get("evict_delay_s", 0.0)) * 1_000_000)
         if delay_us <= 0:
             return [self._request(EVICT, cube)]
@@ -279,7 +284,7 @@ class PlaintextTierPolicy:
         out = []
         if self._due(cube, "tiers", now_us, s.consolidate_interval_s):
             short = _items(ctx.engine, cube, tier=Tier.SHORT, form="plaintext")
-            if tiers.fifo_evictions(short, s.short_capacity):
+            if tiers.fifo_evictions(short, s.short_capacity, s.short_max_items):
                 out.append(self._request(EVICT, cube))
             if self._hot_segments(ctx.engine, cube, now_us, s)[0]:
                 out.append(self._request(CONSOLIDATE, cube))
@@ -382,7 +387,7 @@ class PlaintextTierPolicy:
         settings = self.cube_settings(engine, cube)
         now = ctx.now_us()
         short = _items(engine, cube, tier=Tier.SHORT, form="plaintext")
-        evicted = tiers.fifo_evictions(short, settings.short_capacity)
+        evicted = tiers.fifo_evictions(short, settings.short_capacity, settings.short_max_items)
         loaded = self._segments(engine, cube)
         segments = [state for _, state in loaded.values()]
         before = {s.key: len(s.turns) for s in segments}
@@ -402,7 +407,14 @@ class PlaintextTierPolicy:
         for segment in segments:
             heat, last, _ = self._heat(segment, members, now, settings)
             heats[segment.key] = (heat, last)
-        demote = set(tiers.coldest_over_capacity(heats, settings.mid_capacity))
+        demote = set(
+            tiers.coldest_over_capacity(
+                heats,
+                settings.mid_capacity,
+                sizes={seg.key: sum(t in members for t in seg.turns) for seg in segments},
+                max_items=settings.mid_max_items,
+            )
+        )
         hot = any(h >= settings.promote_heat for k, (h, _) in heats.items() if k not in demote)
         changed = [s for s in segments if len(s.turns) != before.get(s.key)]
         ctx.progress(0.6, f"committing {len(evicted)} turns, {len(demote)} demotions")

@@ -4,13 +4,14 @@ Everything here takes values (items, vectors, settings, ``now_us``) and
 returns decisions; :mod:`memosd.scheduler.policies_builtin` reads the store,
 calls these functions and commits the result as one atomic write.
 
-* :func:`fifo_evictions` - short tier: per session keep the latest N turns.
+* :func:`fifo_evictions` - short tier: per session keep the latest N turns,
+  and at most ``short_max_items`` turns in the cube (the oldest go first).
 * :func:`assign_segments` - mid tier: an evicted turn joins the segment whose
   centroid (normalised sum of member vectors) is most similar, if the cosine
   is >= theta; otherwise it starts a new segment.
 * :func:`segment_heat` - ``alpha*visits + beta*length + gamma*exp(-idle/tau)``.
 * :func:`coldest_over_capacity` - the segments to demote when there are more
-  than M.
+  than M, or when their turns together exceed ``mid_max_items``.
 * :func:`extract_claim` - rule-based (subject, value) extraction used to
   tell restatements from contradictions (see ``docs/scheduler.md`` for what
   it recognises and what it does not).
@@ -57,6 +58,15 @@ US_PER_DAY: Final = 24 * US_PER_HOUR
 SETTINGS: Final[tuple[PolicySetting, ...]] = (
     PolicySetting("short_capacity", 10, int, "Turns per session kept in the short tier (FIFO).", 1),
     PolicySetting(
+        "short_max_items",
+        200,
+        int,
+        "At most this many turns in a cube's short tier, over all sessions: past it the "
+        "oldest turns move on to mid even if their session is under short_capacity "
+        "(0: no cube-wide bound).",
+        0,
+    ),
+    PolicySetting(
         "evict_delay_s",
         1.0,
         float,
@@ -72,6 +82,14 @@ SETTINGS: Final[tuple[PolicySetting, ...]] = (
         -1.0,
     ),
     PolicySetting("mid_capacity", 200, int, "At most this many mid-tier segments (M).", 1),
+    PolicySetting(
+        "mid_max_items",
+        2000,
+        int,
+        "At most this many turns in a cube's mid tier: past it the coldest segments are "
+        "demoted as over mid_capacity (0: no bound on turns).",
+        0,
+    ),
     PolicySetting("heat_alpha", 1.0, float, "Heat weight of visits (search hits).", 0.0),
     PolicySetting("heat_beta", 1.0, float, "Heat weight of interaction length (turns).", 0.0),
     PolicySetting("heat_gamma", 1.0, float, "Heat weight of recency exp(-idle/tau).", 0.0),
@@ -134,9 +152,11 @@ class TierSettings:
     """The resolved settings of the plaintext policy (see :data:`SETTINGS`)."""
 
     short_capacity: int = 10
+    short_max_items: int = 200
     evict_delay_s: float = 1.0
     segment_threshold: float = 0.6
     mid_capacity: int = 200
+    mid_max_items: int = 2000
     heat_alpha: float = 1.0
     heat_beta: float = 1.0
     heat_gamma: float = 1.0
@@ -169,19 +189,29 @@ def _turn_order(item: MemoryItem) -> tuple[int, str]:
     return (item.created_us, item.id)
 
 
-def fifo_evictions(turns: Iterable[MemoryItem], capacity: int) -> list[MemoryItem]:
+def fifo_evictions(
+    turns: Iterable[MemoryItem], capacity: int, max_items: int = 0
+) -> list[MemoryItem]:
     """Turns beyond the latest ``capacity`` of their session, oldest first.
 
-    Turns without a session form one group of their own.
+    Turns without a session form one group of their own.  With ``max_items``
+    (> 0), the turns left are also cut to the newest ``max_items`` of the
+    cube: the short tier is working memory of what is recent, so a cube with
+    many sessions does not keep ``capacity`` turns of every old one.
     """
     by_session: dict[str, list[MemoryItem]] = {}
     for turn in turns:
         by_session.setdefault(turn.provenance.session or "", []).append(turn)
     evicted: list[MemoryItem] = []
+    kept: list[MemoryItem] = []
     for group in by_session.values():
         group.sort(key=_turn_order)
-        if len(group) > capacity:
-            evicted.extend(group[: len(group) - capacity])
+        cut = max(0, len(group) - capacity)
+        evicted.extend(group[:cut])
+        kept.extend(group[cut:])
+    if max_items > 0 and len(kept) > max_items:
+        kept.sort(key=_turn_order)
+        evicted.extend(kept[: len(kept) - max_items])
     evicted.sort(key=_turn_order)
     return evicted
 
@@ -291,13 +321,29 @@ def segment_heat(*, visits: int, length: int, idle_us: int, settings: TierSettin
     )
 
 
-def coldest_over_capacity(heats: Mapping[str, tuple[float, int]], capacity: int) -> list[str]:
-    """Keys of the coldest segments beyond ``capacity`` (heat, then least recently active)."""
-    excess = len(heats) - capacity
-    if excess <= 0:
-        return []
+def coldest_over_capacity(
+    heats: Mapping[str, tuple[float, int]],
+    capacity: int,
+    *,
+    sizes: Mapping[str, int] | None = None,
+    max_items: int = 0,
+) -> list[str]:
+    """Keys of the segments to demote, coldest first (heat, then least recently active).
+
+    Enough of the coldest go that at most ``capacity`` segments remain and,
+    with ``sizes`` (turns per segment) and ``max_items`` > 0, that their
+    turns add up to at most ``max_items``.
+    """
     order = sorted(heats, key=lambda k: (heats[k][0], heats[k][1], k))
-    return order[:excess]
+    demote = order[: max(0, len(heats) - capacity)]
+    if sizes is not None and max_items > 0:
+        total = sum(sizes.get(k, 0) for k in order[len(demote) :])
+        for key in order[len(demote) :]:
+            if total <= max_items:
+                break
+            demote.append(key)
+            total -= sizes.get(key, 0)
+    return demote
 
 
 # --- facts ----------------------------------------------------------------------------

@@ -34,6 +34,20 @@ def test_fifo_keeps_latest_n_per_session() -> None:
     assert tiers.fifo_evictions(turns, 10) == []
 
 
+def test_fifo_bounds_the_whole_short_tier_oldest_sessions_first() -> None:
+    turns = [turn(f"s{s}-{i}", f"s{s}", 1000 * s + i) for s in range(1, 6) for i in range(3)]
+    # 5 sessions x 3 turns, 3 per session allowed: only the cube-wide bound cuts.
+    evicted = tiers.fifo_evictions(turns, 3, 7)
+    assert [t.text for t in evicted] == [f"s{s}-{i}" for s in (1, 2) for i in range(3)] + [
+        "s3-0",
+        "s3-1",
+    ]
+    assert tiers.fifo_evictions(turns, 3, 0) == []  # 0: no cube-wide bound
+    # Both rules at once: per-session first, then the cube-wide bound.
+    got = [t.text for t in tiers.fifo_evictions(turns, 2, 4)]
+    assert got == [f"s{s}-{i}" for s in (1, 2, 3) for i in range(3)] + ["s4-0", "s5-0"]
+
+
 def test_segment_heat_formula_and_defaults() -> None:
     s = tiers.TierSettings()
     assert (s.heat_alpha, s.heat_beta, s.heat_gamma, s.heat_tau_hours) == (1.0, 1.0, 1.0, 24.0)
@@ -50,6 +64,17 @@ def test_coldest_over_capacity() -> None:
     heats = {"a": (3.0, 10), "b": (1.0, 50), "c": (1.0, 20), "d": (9.0, 0)}
     assert tiers.coldest_over_capacity(heats, 4) == []
     assert tiers.coldest_over_capacity(heats, 2) == ["c", "b"]
+
+
+def test_coldest_segments_go_until_their_turns_fit() -> None:
+    heats = {"a": (3.0, 10), "b": (1.0, 50), "c": (1.0, 20), "d": (9.0, 0)}
+    sizes = {"a": 5, "b": 4, "c": 3, "d": 6}
+    assert tiers.coldest_over_capacity(heats, 4, sizes=sizes, max_items=18) == []
+    assert tiers.coldest_over_capacity(heats, 4, sizes=sizes, max_items=11) == ["c", "b"]
+    assert tiers.coldest_over_capacity(heats, 4, sizes=sizes, max_items=6) == ["c", "b", "a"]
+    # The segment bound and the turn bound together.
+    assert tiers.coldest_over_capacity(heats, 3, sizes=sizes, max_items=15) == ["c"]
+    assert tiers.coldest_over_capacity(heats, 3, sizes=sizes, max_items=10) == ["c", "b", "a"]
 
 
 def test_assign_segments_by_centroid_similarity() -> None:
