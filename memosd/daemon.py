@@ -267,6 +267,7 @@ def open_search(settings: Settings, engine: Any, plugins: PluginRuntime | None =
             ef_search=ix.ef_search,
             fusion=ix.fusion,
             neighbour_weight=ix.neighbour_weight,
+            embed_workers=ix.embed_workers,
             wait_timeout_s=ix.wait_timeout_s,
         ),
     )

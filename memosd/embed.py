@@ -94,8 +94,9 @@ class SentenceTransformerEmbedder:
     ``threads`` sets torch's intra-op thread count (process-wide: torch has
     one pool).  Default 1: with 2 threads on a busy 2-core machine torch's
     thread pool collapses (measured 5.7 texts/s against 88 with one thread).
-    ``pool_size`` model instances are loaded lazily, the second
-    only when two threads embed at once.
+    ``pool_size`` model instances are loaded lazily, each only when that
+    many threads embed at once (default 3: the indexer's two embedding
+    workers and a query).
     """
 
     def __init__(
@@ -105,7 +106,7 @@ class SentenceTransformerEmbedder:
         model_name: str | None = None,
         threads: int = 1,
         batch_size: int = 64,
-        pool_size: int = 2,
+        pool_size: int = 3,
         device: str = "cpu",
     ) -> None:
         self.path = Path(path)
@@ -179,7 +180,7 @@ class SentenceTransformerEmbedder:
 class MiniLMEmbedder(SentenceTransformerEmbedder):
     """The embedded default: all-MiniLM-L6-v2 (384-d) from the wheel, offline."""
 
-    def __init__(self, *, threads: int = 1, batch_size: int = 64, pool_size: int = 2) -> None:
+    def __init__(self, *, threads: int = 1, batch_size: int = 64, pool_size: int = 3) -> None:
         super().__init__(
             minilm_model_path(),
             model_name=DEFAULT_MODEL_NAME,

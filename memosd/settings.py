@@ -313,6 +313,13 @@ class IndexSectionSettings:
         minimum=0.0,
         maximum=10.0,
     )
+    embed_workers: int = _setting(
+        2,
+        "Embedding calls the background indexer runs at once when writes pile up "
+        "(each on its own model instance with one torch thread); 1: one batch at a time.",
+        minimum=1,
+        maximum=16,
+    )
     wait_timeout_s: float = _setting(
         10.0,
         "How long a search waits for the caller's own writes to become searchable "

@@ -38,6 +38,7 @@ log below it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import threading
 import time
@@ -57,6 +58,9 @@ from memosd.index.snapshot import LoadedSnapshot, load_snapshot, write_snapshot
 from memosd.memcube.model import MemoryItem
 
 __all__ = ["CONSUMER_NAME", "Indexer"]
+
+#: Texts per embedding worker below which a backlog is not split.
+_MIN_SPLIT: Final = 32
 
 _log = structlog.get_logger("memosd.index")
 
@@ -109,6 +113,8 @@ class Indexer:
         self._changes_since_snapshot = 0
         self.embed_calls = 0
         self.texts_embedded = 0
+        self._stats_lock = threading.Lock()
+        self._embed_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.events_processed = 0
 
     # --- lifecycle ----------------------------------------------------------------
@@ -134,6 +140,9 @@ class Indexer:
         self._stop.set()
         thread.join()
         self._thread = None
+        if self._embed_pool is not None:
+            self._embed_pool.shutdown()
+            self._embed_pool = None
         if snapshot and self.state != "error":
             self._write_snapshot()
         self.state = "stopped"
@@ -413,15 +422,41 @@ class Indexer:
         return indexed_text(item, self.settings.context_key, self.form_text)
 
     def _embed(self, texts: list[str]) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """Embed ``texts`` in batches; a backlog is split over ``embed_workers`` threads.
+
+        Each worker embeds its contiguous share batch by batch, so the
+        result keeps the input's order.  Only a backlog of at least
+        ``_MIN_SPLIT`` texts per worker is split: below that the second
+        model instance costs more than it saves.
+        """
+        if not texts:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+        workers = min(self.settings.embed_workers, len(texts) // _MIN_SPLIT)
+        if workers <= 1:
+            return self._embed_batches(texts)
+        share = -(-len(texts) // workers)
+        shares = [texts[i : i + share] for i in range(0, len(texts), share)]
+        pool = self._embed_pool
+        if pool is None:
+            pool = self._embed_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.settings.embed_workers - 1,
+                thread_name_prefix="memosd-embed",
+            )
+        # The worker thread embeds the first share itself.
+        futures = [pool.submit(self._embed_batches, part) for part in shares[1:]]
+        parts = [self._embed_batches(shares[0])]
+        parts.extend(f.result() for f in futures)
+        return np.concatenate(parts)
+
+    def _embed_batches(self, texts: list[str]) -> np.ndarray[Any, np.dtype[np.float32]]:
         size = self.settings.batch_size
         parts = []
         for start in range(0, len(texts), size):
             chunk = texts[start : start + size]
             parts.append(self.embedder.embed(chunk))
-            self.embed_calls += 1
-            self.texts_embedded += len(chunk)
-        if not parts:
-            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+            with self._stats_lock:
+                self.embed_calls += 1
+                self.texts_embedded += len(chunk)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _index_jobs(self, jobs: list[_Job]) -> None:

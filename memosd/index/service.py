@@ -101,7 +101,9 @@ class SearchService:
         self.settings = settings or IndexSettings()
         self.form_text = form_text
         if embedder is None:
-            embedder = MiniLMEmbedder(threads=self.settings.embed_threads)
+            embedder = MiniLMEmbedder(
+                threads=self.settings.embed_threads, pool_size=self.settings.embed_workers + 1
+            )
         self.embedder: Embedder = embedder
         self.root = Path(data_dir) / "index"
         self.queries = QueryCache(embedder, self.settings.query_cache_size)

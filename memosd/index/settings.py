@@ -29,6 +29,10 @@ class IndexSettings:
       One thread is the default on purpose: on a busy 2-core machine torch and
       OpenMP with 2 threads collapse (measured: MiniLM 5.7 texts/s with 2
       threads vs 88 with 1 while other processes used the CPU).
+      ``embed_workers`` (2) embedding calls the indexer runs at once when it
+      has a backlog (each on its own model instance with one torch thread:
+      independent threads, no OpenMP barrier to collapse); 1 embeds one batch
+      at a time.  The embedder keeps one more instance for query embeddings.
 
     Indexer:
       ``batch_size`` (64) texts per embedding call (MiniLM is ~10x faster per
@@ -66,6 +70,7 @@ class IndexSettings:
     build_threads: int = 1
     hnsw_background: bool = True
     embed_threads: int = 1
+    embed_workers: int = 2
     batch_size: int = 64
     batch_wait_s: float = 0.005
     snapshot_interval_s: float = 60.0
@@ -84,7 +89,7 @@ class IndexSettings:
 
     def __post_init__(self) -> None:
         positive = ("hnsw_threshold", "hnsw_m", "ef_construction", "ef_search", "batch_size")
-        for name in (*positive, "candidates", "max_k", "build_threads"):
+        for name in (*positive, "candidates", "max_k", "build_threads", "embed_workers"):
             if getattr(self, name) <= 0:
                 raise BadRequest(f"index setting {name} must be positive")
         if min(self.rrf_k, self.dense_weight, self.lexical_weight, self.neighbour_weight) < 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from memosd.embed import HashingEmbedder
 from memosd.engine import Engine
 from memosd.errors import BadRequest, NotFound, Unavailable
 from memosd.index import Boosts, IndexSettings, SearchFilters, SearchService
+from memosd.index.indexer import Indexer
 from memosd.memcube.model import CubeConfig
 from memosd.plugins.manager import PluginConfig, PluginManager
 
@@ -349,3 +352,51 @@ def test_session_order_survives_snapshots_and_deletes(engine: Engine, tmp_path: 
     assert cube.neighbours(ids["t0"]) == (None, ids["t2"])  # t1's gap closed
     assert cube.neighbours(ids["u2"]) == (ids["u1"], None)
     svc2.close()
+
+
+class ThreadRecordingEmbedder(HashingEmbedder):
+    """The hashing embedder, noting which threads embed and holding each call a moment."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.threads: set[str] = set()
+
+    def embed(self, texts: Any) -> Any:
+        self.threads.add(threading.current_thread().name)
+        time.sleep(0.01)  # long enough that a second worker takes its share meanwhile
+        return super().embed(texts)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_backlog_is_embedded_by_embed_workers_in_order(
+    engine: Engine, tmp_path: Path, workers: int
+) -> None:
+    embedder = ThreadRecordingEmbedder(64)
+    settings = IndexSettings(snapshot_interval_s=0, batch_size=16, embed_workers=workers)
+    indexer = Indexer(engine, tmp_path / "index", embedder, settings)
+    texts = [f"memory number {i} about topic {i % 7}" for i in range(200)]
+    got = indexer._embed(texts)
+    assert got.shape == (200, 64)
+    assert (got == HashingEmbedder(64).embed(texts)).all()  # the input's order
+    assert len(embedder.threads) == workers
+    assert indexer.texts_embedded == 200
+    assert indexer.embed_calls == (13 if workers == 1 else 14)  # 16-text batches per share
+    assert indexer._embed(texts[:40]).shape == (40, 64)  # small: not split
+    indexer.stop()
+
+
+def test_everything_written_in_one_burst_is_searchable_with_two_workers(
+    engine: Engine, tmp_path: Path
+) -> None:
+    settings = IndexSettings(snapshot_interval_s=0, batch_wait_s=0.001, embed_workers=2)
+    svc = SearchService(engine, tmp_path / "data", embedder=HashingEmbedder(256), settings=settings)
+    svc.start()
+    assert svc.wait_ready(10)
+    engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+    texts = [f"{words[i % 8]} {words[(i // 8) % 8]} {words[(i // 64) % 8]} {i}" for i in range(300)]
+    engine.atomic(lambda p: [p.add("notes", t) for t in texts])
+    for text in texts[::37]:
+        hits = svc.search(["notes"], text, k=1, mode="dense", wait_for_lsn=engine.applied_lsn)
+        assert _texts(hits) == [text]
+    svc.close()
