@@ -162,6 +162,22 @@ class CubeIndex:
             after = members[at + 1] if at + 1 < len(members) else None
             return before, after
 
+    def neighbours_of(self, item_ids: list[str]) -> dict[str, tuple[str | None, str | None]]:
+        """:meth:`neighbours` of several items under one lock (a search's candidates)."""
+        out: dict[str, tuple[str | None, str | None]] = {}
+        with self.lock:
+            for item_id in item_ids:
+                session = self.session_of.get(item_id)
+                if session is None:
+                    continue
+                members = self.sessions[session]
+                at = bisect.bisect_left(members, item_id)
+                out[item_id] = (
+                    members[at - 1] if at > 0 else None,
+                    members[at + 1] if at + 1 < len(members) else None,
+                )
+        return out
+
     def remove(self, item_id: str) -> bool:
         with self.lock:
             self._set_session(item_id, None)

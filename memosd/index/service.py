@@ -406,18 +406,21 @@ class SearchService:
         session neighbours (the items just before and after it), then re-rank."""
         weight = self.settings.neighbour_weight
         base = {key: score for key, score, _ in ranked}
-        out: list[tuple[Key, float, dict[str, float]]] = []
-        cubes: dict[str, CubeIndex | None] = {}
-        for key, score, components in ranked:
-            cube_name, item_id = key
-            if cube_name not in cubes:
-                cubes[cube_name] = self.indexer.cube(cube_name)
-            cube = cubes[cube_name]
-            bonus = 0.0
+        by_cube: dict[str, list[str]] = {}
+        for (cube_name, item_id), _, _ in ranked:
+            by_cube.setdefault(cube_name, []).append(item_id)
+        near: dict[Key, tuple[str | None, str | None]] = {}
+        for cube_name, ids in by_cube.items():
+            cube = self.indexer.cube(cube_name)
             if cube is not None:
-                for other in cube.neighbours(item_id):
-                    if other is not None:
-                        bonus = max(bonus, base.get((cube_name, other), 0.0))
+                for item_id, pair in cube.neighbours_of(ids).items():
+                    near[(cube_name, item_id)] = pair
+        out: list[tuple[Key, float, dict[str, float]]] = []
+        for key, score, components in ranked:
+            bonus = 0.0
+            for other in near.get(key, ()):
+                if other is not None:
+                    bonus = max(bonus, base.get((key[0], other), 0.0))
             if bonus > 0:
                 components["neighbour"] = weight * bonus
                 if explain:
