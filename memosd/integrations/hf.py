@@ -24,7 +24,7 @@ import torch
 
 from memosd.errors import BadRequest
 from memosd.kv.cache import LoadedCache, check_fingerprint
-from memosd.models.backend import ModelBackend
+from memosd.models.backend import ModelBackend, cache_keyword
 
 __all__ = ["generate_with_memory", "logits_with_memory"]
 
@@ -82,7 +82,7 @@ def generate_with_memory(
         out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            past_key_values=loaded_cache.new_cache(device),
+            **{cache_keyword(model): loaded_cache.new_cache(device)},
             **gen_kwargs,
         )
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -106,6 +106,8 @@ def logits_with_memory(
     device = _model_device(model)
     ids = torch.tensor([list(continuation)], dtype=torch.long, device=device)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=loaded_cache.new_cache(device), use_cache=True)
+        out = model(
+            input_ids=ids, **{cache_keyword(model): loaded_cache.new_cache(device)}, use_cache=True
+        )
     logits: torch.Tensor = out.logits[0]
     return logits

@@ -79,7 +79,7 @@ from memosd.kv.codec import ChunkRef, KvManifest, decode_chunk, encode_chunk
 from memosd.kv.frames import cache_to_frames
 from memosd.kv.template import DEFAULT_TEMPLATE, PrefixTemplate
 from memosd.memcube.model import MemoryItem, PurgeRecord, Status
-from memosd.models.backend import ModelBackend
+from memosd.models.backend import ModelBackend, cache_keyword, output_cache
 from memosd.models.fingerprint import short_fingerprint
 
 if TYPE_CHECKING:
@@ -350,14 +350,13 @@ class KvStore:
             else DynamicCache()
         )
         ids = list(tail)
+        keyword = cache_keyword(model)
         with torch.no_grad():
             for start in range(0, len(ids), self.prefill_step):
                 piece = torch.tensor(
                     [ids[start : start + self.prefill_step]], dtype=torch.long, device=device
                 )
-                cache = model(input_ids=piece, past_key_values=cache, use_cache=True)[
-                    "past_key_values"
-                ]
+                cache = output_cache(model(input_ids=piece, **{keyword: cache}, use_cache=True))
                 if report is not None:
                     done = min(len(ids), start + self.prefill_step)
                     report(0.1 + 0.8 * done / len(ids), f"prefill {done}/{len(ids)} tokens")

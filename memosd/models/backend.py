@@ -13,6 +13,7 @@ available, in eval mode.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,15 @@ import torch
 from memosd.errors import BadRequest, NotFound
 from memosd.models.fingerprint import model_fingerprint, short_fingerprint
 
-__all__ = ["DTYPES", "HFBackend", "ModelBackend", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DTYPES",
+    "HFBackend",
+    "ModelBackend",
+    "cache_keyword",
+    "output_cache",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 #: dtype names accepted by :meth:`HFBackend.load` ("auto": the config's dtype).
 DTYPES: Final[dict[str, torch.dtype]] = {
@@ -159,3 +168,24 @@ class HFBackend:
             f"HFBackend(path={str(self.path)!r}, dtype={self.dtype!r}, device={self.device!r}, "
             f"fingerprint={self.short_fingerprint!r})"
         )
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model`` takes a KV cache under (``forward`` and ``generate``).
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name
+    warns, and is to be removed); earlier versions only know
+    ``past_key_values``.  A peft wrapper is looked through to its base model.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return "past_key_values"
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward pass returned (``cache`` or ``past_key_values``)."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output["past_key_values"]

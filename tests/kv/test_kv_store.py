@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -15,6 +16,7 @@ from memosd.kv import HeatAwarePolicy, KvEntry, KvStore, LRUPolicy, frames_to_ca
 from memosd.kv import build as build_module
 from memosd.memcube.model import MemoryItem
 from memosd.models import HFBackend
+from memosd.models.backend import cache_keyword, output_cache
 
 TEXTS = [
     "Alice prefers green tea over coffee.",
@@ -259,3 +261,26 @@ def test_cube_drop_forgets_everything(engine: Engine, tiny_backend: HFBackend) -
     store.process_changes()
     assert all(not engine.blobs.exists(s) for s in shas)
     assert not store._ram  # the RAM copy is gone too
+
+
+def test_cache_keyword_follows_the_model_signature() -> None:
+    class Old:
+        def forward(self, input_ids: Any = None, past_key_values: Any = None) -> None: ...
+
+    class New:
+        def forward(self, input_ids: Any = None, cache: Any = None) -> None: ...
+
+    class Wrapped:  # a peft model: forward(*args, **kwargs), the real model inside
+        def __init__(self, base: Any) -> None:
+            self.base = base
+
+        def get_base_model(self) -> Any:
+            return self.base
+
+        def forward(self, *args: Any, **kwargs: Any) -> None: ...
+
+    assert cache_keyword(Old()) == "past_key_values"
+    assert cache_keyword(New()) == "cache"
+    assert cache_keyword(Wrapped(New())) == "cache"
+    assert output_cache({"cache": 1, "logits": 2}) == 1
+    assert output_cache({"past_key_values": 3, "logits": 2}) == 3
