@@ -214,6 +214,7 @@ class Engine:
         applied = self.store.applied_lsn()
         self.store.checkpoint(applied)
         replayed = self._replay(applied, on_progress)
+        self._index_open_jobs()
         self._checkpoint_now()
         self._collect_garbage_blobs(grace_s=0)
         self.recovery: dict[str, Any] = {
@@ -259,6 +260,15 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ recovery
+
+    def _index_open_jobs(self) -> None:
+        """Build the index of unfinished jobs once, for a store written without it."""
+        with self.store.read() as txn:
+            if StoreView(txn, self.store.dbs).open_jobs_indexed():
+                return
+        counted: list[int] = []
+        self._write_txn(lambda view: counted.append(view.index_open_jobs()))
+        _log.info("indexed unfinished jobs", jobs=counted[-1])
 
     def _replay(self, applied: int, on_progress: Callable[[str], None] | None) -> int:
         replayed = 0
@@ -1110,9 +1120,10 @@ class Engine:
         limit: int = 100,
     ) -> list[jobs.Job]:
         def read(view: StoreView) -> list[jobs.Job]:
+            open_only = state in (jobs.JobState.QUEUED, jobs.JobState.RUNNING)
             out = [
                 j
-                for j in view.jobs()
+                for j in (view.open_jobs() if open_only else view.jobs())
                 if (state is None or j.state == state)
                 and (cube is None or j.cube == cube)
                 and (kind is None or j.kind == kind)

@@ -50,6 +50,7 @@ DB_NAMES: Final = (
     "blobrefs",
     "changes",
     "jobs",
+    "openjobs",
 )
 
 _META_MAGIC: Final = 0xBEEFC0DE

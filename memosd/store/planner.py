@@ -301,7 +301,7 @@ class Planner:
         if cube is not None:
             self.require_cube(cube)
         if dedup_key is not None:
-            for existing in self.view.jobs():
+            for existing in self.view.open_jobs():
                 if existing.dedup_key == dedup_key and existing.state == jobs.JobState.QUEUED:
                     return existing
         job = jobs.new_job(

@@ -38,6 +38,7 @@ __all__ = ["StoreView", "TokenRecord", "blob_refs"]
 
 _PER_ITEM_DBS = ("versions", "latest", "purges", "usage", "grants")
 _CHANGE_KEY = struct.Struct(">QI")  # keys.pack_u64(lsn) + keys.pack_u32(index)
+_OPEN_JOBS_INDEXED = b"open_jobs_indexed"  # meta key: the openjobs index is complete
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,8 +225,13 @@ class StoreView:
                 self.txn.put(token_hash, name.encode(), db=self.dbs["tokenhash"])
             case JobPut(job):
                 self.txn.put(job.id.encode(), payload or encode_job(job), db=self.dbs["jobs"])
+                if job.terminal:
+                    self.txn.delete(job.id.encode(), db=self.dbs["openjobs"])
+                else:
+                    self.txn.put(job.id.encode(), b"", db=self.dbs["openjobs"])
             case JobDelete(job_id, _):
                 self.txn.delete(job_id.encode(), db=self.dbs["jobs"])
+                self.txn.delete(job_id.encode(), db=self.dbs["openjobs"])
             case TokenDelete(name):
                 existing = self.token(name)
                 if existing is not None:
@@ -240,6 +246,33 @@ class StoreView:
 
     def jobs(self) -> list[Job]:
         return [decode_job(value) for _, value in self._scan("jobs", b"")]
+
+    def open_jobs(self) -> list[Job]:
+        """Jobs not ended (queued or running), by id: read through the ``openjobs``
+        index, so the cost does not grow with the ended jobs kept for retention."""
+        out = []
+        for key, _ in self._scan("openjobs", b""):
+            raw = self._get("jobs", key)
+            if raw is not None:
+                out.append(decode_job(raw))
+        return out
+
+    def open_jobs_indexed(self) -> bool:
+        return self._get("meta", _OPEN_JOBS_INDEXED) is not None
+
+    def index_open_jobs(self) -> int:
+        """(Re)build the ``openjobs`` index from every job record; returns its size.
+
+        Stores written before the index existed get it once, at open.
+        """
+        self._delete_prefix("openjobs", b"")
+        count = 0
+        for job in self.jobs():
+            if not job.terminal:
+                self.txn.put(job.id.encode(), b"", db=self.dbs["openjobs"])
+                count += 1
+        self.txn.put(_OPEN_JOBS_INDEXED, b"1", db=self.dbs["meta"])
+        return count
 
     # -- blob references and the change log ---------------------------------------------
 

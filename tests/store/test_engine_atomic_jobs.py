@@ -6,12 +6,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from memosd.engine import Engine
 from memosd.errors import Conflict, NotFound
 from memosd.scheduler import jobs
 from memosd.store.planner import Planner
+from memosd.store.view import StoreView
 
 
 @pytest.fixture
@@ -186,3 +188,35 @@ def test_a_plan_failing_halfway_in_a_shared_batch_leaves_nothing(engine: Engine)
     # The three kept writes were one batch: one WAL record each, nothing else logged.
     assert engine.last_lsn == start + 4
     assert len(engine.changes_since(start)) == 4
+
+
+def _open_ids(engine: Engine) -> list[str]:
+    with engine.store.read() as txn:
+        return [j.id for j in StoreView(txn, engine.store.dbs).open_jobs()]
+
+
+def test_unfinished_jobs_are_indexed_and_the_index_is_built_for_old_stores(
+    tmp_path: Path,
+) -> None:
+    with Engine.open(tmp_path / "data") as eng:
+        eng.create_cube("c", owner="uid:1")
+        queued = eng.submit_job("tier.consolidate", cube="c", dedup_key="a")
+        running = eng.transition_job(eng.submit_job("kv.build").id, jobs.start)
+        done = eng.transition_job(eng.submit_job("kv.build").id, jobs.start)
+        done = eng.transition_job(done.id, lambda j, now: jobs.succeed(j, now, None))
+        gone = eng.transition_job(eng.submit_job("kv.build").id, jobs.cancel)
+        eng.atomic(lambda p: p.delete_job(gone.id))
+        assert _open_ids(eng) == sorted([queued.id, running.id])
+        assert [j.id for j in eng.list_jobs(state=jobs.JobState.QUEUED)] == [queued.id]
+        assert [j.id for j in eng.list_jobs(state=jobs.JobState.SUCCEEDED)] == [done.id]
+        # Dedup reads the index: the queued job absorbs a second request.
+        assert eng.submit_job("tier.consolidate", cube="c", dedup_key="a").id == queued.id
+    # A store from before the index: no index entries, no "indexed" mark.
+    env = lmdb.open(str(tmp_path / "data" / "store"), max_dbs=32, subdir=True)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"openjobs", txn=txn), delete=False)
+        txn.delete(b"open_jobs_indexed", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with Engine.open(tmp_path / "data") as eng:
+        assert _open_ids(eng) == sorted([queued.id, running.id])
+        assert [j.id for j in eng.list_jobs(state=jobs.JobState.RUNNING)] == [running.id]
