@@ -55,6 +55,7 @@ from memosd.logs import configure_logging
 from memosd.models.cache import ModelCache
 from memosd.ops_kv import KvRuntime
 from memosd.ops_lora import LoraRuntime
+from memosd.plugins import builtin_models
 from memosd.plugins.manager import RequiredPluginError
 from memosd.plugins.runtime import PluginRuntime, load_plugins
 from memosd.scheduling import SchedulerRuntime, open_scheduler
@@ -204,16 +205,21 @@ def _engine_settings(settings: Settings) -> EngineSettings:
     )
 
 
+def _builtin(registrations: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """Built-in registrations as a plugin manager holds them, for use without one."""
+    return {name: (builtin_models.__name__, factory) for name, factory in registrations.items()}
+
+
 def model_backend(settings: Settings, plugins: PluginRuntime | None) -> Any:
     """The loader of the model backend ``models.backend`` names (a plugin's or ``hf``)."""
     name = settings.models.backend
-    registered = plugins.manager.model_backends if plugins is not None else {}
+    registered = (
+        plugins.manager.model_backends
+        if plugins is not None
+        else _builtin(dict(builtin_models.register_model_backends()))
+    )
     if name in registered:
         return registered[name][1]
-    if name == "hf":  # no plugin manager (embedded use): the built-in backend
-        from memosd.models.backend import HFBackend  # noqa: PLC0415
-
-        return HFBackend.load
     raise DaemonExitError(
         EXIT_CONFIG,
         f"models.backend = {name!r}: no plugin registers that model backend "
@@ -232,29 +238,25 @@ def open_search(settings: Settings, engine: Any, plugins: PluginRuntime | None =
     if not ix.enabled:
         return None
     # Heavy (torch, faiss): imported only when the indexes are enabled.
-    from memosd.embed import (  # noqa: PLC0415
-        Embedder,
-        HashingEmbedder,
-        MiniLMEmbedder,
-        SentenceTransformerEmbedder,
-    )
+    from memosd.embed import Embedder, SentenceTransformerEmbedder  # noqa: PLC0415
     from memosd.index import IndexSettings, SearchService  # noqa: PLC0415
 
     manager = plugins.manager if plugins is not None else None
+    # The built-ins (minilm, hashing) register through the same hook.
+    embedders = (
+        manager.embedders
+        if manager is not None
+        else _builtin(dict(builtin_models.register_embedders()))
+    )
     embedder: Embedder
-    if manager is not None and ix.embedder in manager.embedders:
-        # The built-ins (minilm, hashing) register through the same hook.
-        plugin, factory = manager.embedders[ix.embedder]
+    if ix.embedder in embedders:
+        plugin, factory = embedders[ix.embedder]
         try:
             embedder = factory()
         except Exception as exc:  # a plugin's bug is a start-up config error, named
             raise DaemonExitError(
                 EXIT_CONFIG, f"embedder {ix.embedder!r} of plugin {plugin!r} failed: {exc}"
             ) from exc
-    elif ix.embedder == "minilm":
-        embedder = MiniLMEmbedder()
-    elif ix.embedder == "hashing":
-        embedder = HashingEmbedder(384)
     else:
         embedder = SentenceTransformerEmbedder(ix.embedder)
     search = SearchService(

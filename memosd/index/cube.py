@@ -152,18 +152,11 @@ class CubeIndex:
 
     def neighbours(self, item_id: str) -> tuple[str | None, str | None]:
         """The items indexed just before and after ``item_id`` in its session."""
-        with self.lock:
-            session = self.session_of.get(item_id)
-            if session is None:
-                return None, None
-            members = self.sessions[session]
-            at = bisect.bisect_left(members, item_id)
-            before = members[at - 1] if at > 0 else None
-            after = members[at + 1] if at + 1 < len(members) else None
-            return before, after
+        return self.neighbours_of([item_id]).get(item_id, (None, None))
 
     def neighbours_of(self, item_ids: list[str]) -> dict[str, tuple[str | None, str | None]]:
-        """:meth:`neighbours` of several items under one lock (a search's candidates)."""
+        """:meth:`neighbours` of several items under one lock (a search's candidates);
+        items without a session are left out."""
         out: dict[str, tuple[str | None, str | None]] = {}
         with self.lock:
             for item_id in item_ids:

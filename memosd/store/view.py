@@ -225,10 +225,7 @@ class StoreView:
                 self.txn.put(token_hash, name.encode(), db=self.dbs["tokenhash"])
             case JobPut(job):
                 self.txn.put(job.id.encode(), payload or encode_job(job), db=self.dbs["jobs"])
-                if job.terminal:
-                    self.txn.delete(job.id.encode(), db=self.dbs["openjobs"])
-                else:
-                    self.txn.put(job.id.encode(), b"", db=self.dbs["openjobs"])
+                self._index_open_job(job)
             case JobDelete(job_id, _):
                 self.txn.delete(job_id.encode(), db=self.dbs["jobs"])
                 self.txn.delete(job_id.encode(), db=self.dbs["openjobs"])
@@ -266,13 +263,17 @@ class StoreView:
         Stores written before the index existed get it once, at open.
         """
         self._delete_prefix("openjobs", b"")
-        count = 0
-        for job in self.jobs():
-            if not job.terminal:
-                self.txn.put(job.id.encode(), b"", db=self.dbs["openjobs"])
-                count += 1
+        count = sum(self._index_open_job(job) for job in self.jobs())
         self.txn.put(_OPEN_JOBS_INDEXED, b"1", db=self.dbs["meta"])
         return count
+
+    def _index_open_job(self, job: Job) -> bool:
+        """Keep ``job`` in the ``openjobs`` index while it has not ended; True if it is in."""
+        if job.terminal:
+            self.txn.delete(job.id.encode(), db=self.dbs["openjobs"])
+            return False
+        self.txn.put(job.id.encode(), b"", db=self.dbs["openjobs"])
+        return True
 
     # -- blob references and the change log ---------------------------------------------
 
