@@ -3,6 +3,7 @@
     .venv/bin/python bench/search_bench.py                    # 10k and 100k items
     MEMOSD_BENCH_1M=1 .venv/bin/python bench/search_bench.py  # also 1M (slow: build ~minutes)
     MEMOSD_BENCH_SIZES=10000 .venv/bin/python bench/search_bench.py
+    MEMOSD_BENCH_EMBED_WORKERS=1 ...  # the MiniLM ingest with one embedding worker (default 2)
 
 For each size N: N items with synthetic texts are written through the engine
 (concurrent writers, group commit) into one cube; their 384-d vectors are
@@ -212,7 +213,10 @@ def bench_embedded(rows: list[dict[str, Any]], n: int = 2000) -> None:
 
     with tempfile.TemporaryDirectory(prefix="searchbench-") as tmp:
         engine = Engine.open(tmp)
-        svc = SearchService(engine, tmp, settings=IndexSettings(snapshot_interval_s=0))
+        workers = int(os.environ.get("MEMOSD_BENCH_EMBED_WORKERS", "2"))
+        svc = SearchService(
+            engine, tmp, settings=IndexSettings(snapshot_interval_s=0, embed_workers=workers)
+        )
         svc.start()
         svc.wait_ready()
         engine.create_cube("text", owner="uid:0", config=svc.cube_config())
