@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from math import copysign
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NamedTuple, NoReturn
 
 import msgpack
 
@@ -59,9 +59,11 @@ from memosd.memcube.model import (
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "SCHEMA_VERSION",
+    "ItemKeys",
     "decode_any",
     "decode_cube",
     "decode_item",
+    "decode_item_keys",
     "decode_purge",
     "encode_cube",
     "encode_item",
@@ -369,6 +371,48 @@ def encode_item(item: MemoryItem, *, verify: bool = True) -> bytes:
 
 def decode_item(data: _BytesLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> MemoryItem:
     return _item_from_record(unpackb(data, max_bytes=max_bytes))
+
+
+class ItemKeys(NamedTuple):
+    """What the store indexes an item version by, read without building the item."""
+
+    cube: str
+    id: str
+    version: int
+    status: str
+    operation: str
+    payload: dict[str, Any] | None
+
+
+def decode_item_keys(data: _BytesLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ItemKeys:
+    """The keys of an item record, checking those fields only.
+
+    For records whose bytes are already known good (checksummed WAL records
+    the writer built from validated items, stored versions): replay applies
+    100k of them per second this way instead of decoding each item whole.
+    """
+    r = unpackb(data, max_bytes=max_bytes)
+    _check_header(r, "item", _ITEM_KEYS)
+    try:
+        id_, cube, version, status = r["id"], r["cube"], r["ver"], r["st"]
+        prov, payload = r["prov"], r["pl"]
+    except KeyError as exc:
+        raise CodecError(f"item record lacks field {exc}") from None
+    if not is_valid_id(id_):
+        _bad("item", "id")
+    if type(cube) is not str or _CUBE_MATCH(cube) is None:
+        _bad("item", "cube")
+    if type(version) is not int or not 1 <= version <= _TIME_MAX:
+        _bad("item", "ver")
+    if type(status) is not str or status not in STATUSES:
+        _bad("item", "st")
+    if not _is_seq(prov) or len(prov) != 5 or type(prov[4]) is not str:
+        _bad("item", "prov")
+    if prov[4] not in OPERATIONS:
+        _bad("item", "prov")
+    if payload is not None and not _is_map(payload):
+        _bad("item", "pl")
+    return ItemKeys(cube, id_, version, status, prov[4], payload)
 
 
 # --- cubes ---------------------------------------------------------------------------

@@ -73,6 +73,7 @@ from memosd.store.records import (
     Mutation,
     TokenDelete,
     TokenPut,
+    VersionPut,
     decode_record,
     encode_atomic,
 )
@@ -206,12 +207,17 @@ class Engine:
         self.store = LmdbEnv(
             data_dir / "store", initial_map_size=settings.initial_map_size, boot_id=boot_id
         )
+        applied = self.store.applied_lsn()
+        # The WAL's recovery scan keeps the records after ``applied``: replay
+        # reads and checks each segment once.
         self.wal = WriteAheadLog.open(
-            data_dir / "wal", io=wal_io, segment_bytes=settings.wal_segment_bytes
+            data_dir / "wal",
+            io=wal_io,
+            segment_bytes=settings.wal_segment_bytes,
+            keep_after_lsn=applied,
         )
         self.blobs = BlobStore(data_dir / "blobs")
         # Pin the current snapshot before replay writes anything (store docs).
-        applied = self.store.applied_lsn()
         self.store.checkpoint(applied)
         replayed = self._replay(applied, on_progress)
         self._index_open_jobs()
@@ -273,6 +279,11 @@ class Engine:
     def _replay(self, applied: int, on_progress: Callable[[str], None] | None) -> int:
         replayed = 0
         records = self.wal.replay(applied)
+        # Change-log entries the checkpoint after recovery would prune at once
+        # (no consumer needs them) are not written at all.
+        with self.store.read() as txn:
+            consumers = StoreView(txn, self.store.dbs).consumer_lsns()
+        prune_horizon = min([self.wal.durable_lsn, *consumers.values()])
         while True:
             chunk = [r for _, r in zip(range(_REPLAY_TXN_RECORDS), records, strict=False)]
             if not chunk:
@@ -281,10 +292,12 @@ class Engine:
             def apply_chunk(view: StoreView, chunk: list[WalRecord] = chunk) -> None:
                 events = []
                 for record in chunk:
-                    for mutation, payload in decode_record(record.rtype, record.payload):
+                    for mutation, payload in decode_record(
+                        record.rtype, record.payload, item_keys_only=True
+                    ):
                         view.apply(mutation, payload)
                         events.append(_event_for(mutation, record.lsn))
-                _record_logged(view, events)
+                _record_logged(view, events, log_after=prune_horizon)
 
             self._release_blobs(self._write_txn(apply_chunk).released_blobs)
             replayed += len(chunk)
@@ -1152,6 +1165,9 @@ def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:
             return ChangeEvent(
                 kind, item.cube, item.id, item.version, lsn, item.provenance.operation
             )
+        case VersionPut(ref):
+            kind = "item_deleted" if ref.status == Status.DELETED else "item_written"
+            return ChangeEvent(kind, ref.cube, ref.id, ref.version, lsn, ref.operation)
         case ItemPurge(record):
             return ChangeEvent("item_purged", record.cube, record.id, None, lsn, "purge")
         case GrantSet(cube, _, _):
@@ -1165,17 +1181,17 @@ def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:
     raise TypeError(mutation)  # pragma: no cover
 
 
-def _record_logged(view: StoreView, events: Sequence[ChangeEvent]) -> None:
-    """Write the change log entries and the applied LSN of a logged batch."""
+def _record_logged(view: StoreView, events: Sequence[ChangeEvent], *, log_after: int = 0) -> None:
+    """Write the change log entries (of LSNs after ``log_after``) and the applied LSN of a batch."""
     entries = []
     index = previous = 0
     for event in events:
         lsn = event.lsn
         index = index + 1 if lsn == previous else 0
         previous = lsn
-        entries.append(
-            (lsn, index, [event.kind, event.cube, event.item_id, event.version, event.operation])
-        )
+        if lsn > log_after:
+            change = [event.kind, event.cube, event.item_id, event.version, event.operation]
+            entries.append((lsn, index, change))
     view.record_changes(entries)
     view.set_applied_lsn(previous)
 

@@ -231,7 +231,22 @@ def scan_segment(
     records: list[WalRecord] = []
     offset = SEGMENT_HEADER_SIZE
     expected_lsn = first_lsn
-    while offset < len(data):
+    size = len(data)
+    unpack_header, pack_fields, crc = _RECORD_HEADER.unpack_from, _CRC_FIELDS.pack, crc32c.crc32c
+    while offset < size:
+        # Fast path (recovery reads every record): an intact record with the
+        # expected LSN.  Anything else takes the careful path below.
+        if size - offset >= RECORD_HEADER_SIZE:
+            length, want, lsn, rtype = unpack_header(data, offset)
+            start = offset + RECORD_HEADER_SIZE
+            end = start + length
+            if lsn == expected_lsn and length <= MAX_PAYLOAD_BYTES and end <= size:
+                payload = data[start:end]
+                if crc(payload, crc(pack_fields(length, lsn, rtype))) == want:
+                    records.append(WalRecord(lsn, rtype, payload))
+                    offset = end
+                    expected_lsn += 1
+                    continue
         decoded = _decode_record(data, offset)
         if isinstance(decoded, WalRecord):
             if decoded.lsn != expected_lsn:

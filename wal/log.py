@@ -218,6 +218,9 @@ class WriteAheadLog:
         self._active_size = 0
         self._active_durable_size = 0
         self.recovery = RecoveryReport(0, 1, 0, 0, 0, None)
+        # Records after ``keep_after_lsn`` found by the recovery scan, handed to
+        # the first matching replay() so recovery reads and checks them once.
+        self._kept: tuple[int, list[WalRecord]] | None = None
 
     # --- opening and recovery --------------------------------------------------
 
@@ -229,11 +232,15 @@ class WriteAheadLog:
         io: FileIO | None = None,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         logger: Any = None,
+        keep_after_lsn: int | None = None,
     ) -> WriteAheadLog:
         """Open (creating if empty) the log in ``directory``, recovering it.
 
         Raises :class:`WalCorruptionError` for damage that is not a torn tail
         of the last segment; a torn tail is copied to ``cut/`` and cut off.
+        With ``keep_after_lsn`` the records after that LSN, already read and
+        checked by the recovery scan, are kept in memory for the first
+        ``replay(keep_after_lsn)`` instead of being read from disk again.
         """
         wal = cls(
             os.fspath(directory),
@@ -242,7 +249,7 @@ class WriteAheadLog:
             logger=logger if logger is not None else structlog.get_logger("memosd.wal"),
         )
         try:
-            wal._recover()
+            wal._recover(keep_after_lsn)
         except OSError as exc:
             wal._close_active_quietly()
             wal._poison("open", exc)
@@ -252,7 +259,7 @@ class WriteAheadLog:
             raise
         return wal
 
-    def _recover(self) -> None:
+    def _recover(self, keep_after_lsn: int | None) -> None:
         io, directory = self._io, self._dir
         self._make_log_directory()
         segments = _list_segments(io, directory)
@@ -265,6 +272,7 @@ class WriteAheadLog:
         expected: int | None = None
         scan = None
         data = b""
+        kept: list[WalRecord] = []
         for index, segment in enumerate(segments):
             if expected is not None and segment.first_lsn != expected:
                 raise _segment_gap_error(expected, segment)
@@ -277,6 +285,8 @@ class WriteAheadLog:
             )
             records += len(scan.records)
             expected = scan.next_lsn
+            if keep_after_lsn is not None and scan.last_lsn > keep_after_lsn:
+                kept.extend(r for r in scan.records if r.lsn > keep_after_lsn)
         assert scan is not None
         active = segments[-1]
 
@@ -297,6 +307,8 @@ class WriteAheadLog:
         self._segments = segments
         self._next_lsn = scan.next_lsn
         self._durable_lsn = scan.last_lsn
+        if keep_after_lsn is not None:
+            self._kept = (keep_after_lsn, kept)
         self.recovery = RecoveryReport(
             len(segments), segments[0].first_lsn, scan.last_lsn, records, bytes_cut, cut_path
         )
@@ -605,6 +617,7 @@ class WriteAheadLog:
         with self._cond:
             segments = list(self._segments)
             durable = self._durable_lsn
+            kept, self._kept = self._kept, None
         if after_lsn < durable and after_lsn + 1 < segments[0].first_lsn:
             raise CorruptionError(
                 f"WAL records after LSN {after_lsn} were checkpointed away "
@@ -613,7 +626,18 @@ class WriteAheadLog:
                 after_lsn=after_lsn,
                 first_lsn=segments[0].first_lsn,
             )
+        if kept is not None and kept[0] == after_lsn:
+            # Everything recovered at open is durable; later appends follow.
+            return self._replay_kept(kept[1], segments, after_lsn, durable)
         return self._replay(segments, after_lsn, durable)
+
+    def _replay_kept(
+        self, kept: list[WalRecord], segments: list[_Segment], after_lsn: int, durable: int
+    ) -> Iterator[WalRecord]:
+        yield from kept
+        last = kept[-1].lsn if kept else after_lsn
+        if last < durable:
+            yield from self._replay(segments, last, durable)
 
     def _replay(
         self, segments: list[_Segment], after_lsn: int, durable: int

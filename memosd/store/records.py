@@ -30,6 +30,7 @@ __all__ = [
     "RecordType",
     "TokenDelete",
     "TokenPut",
+    "VersionPut",
     "decode_mutation",
     "decode_record",
     "encode_atomic",
@@ -68,6 +69,17 @@ class CubeDrop:
 @dataclass(frozen=True, slots=True)
 class ItemPut:
     item: MemoryItem
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPut:
+    """An ITEM_PUT record as replay reads it: its keys, not the whole item.
+
+    The record's payload is stored as is, so replay never needs the item
+    itself; ``keys.payload`` is only read for the blobs the version references.
+    """
+
+    keys: codec.ItemKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +124,7 @@ Mutation = (
     CubePut
     | CubeDrop
     | ItemPut
+    | VersionPut
     | ItemPurge
     | GrantSet
     | TokenPut
@@ -126,10 +139,15 @@ def encode_atomic(records: Sequence[tuple[int, bytes]]) -> tuple[int, bytes]:
     return RecordType.ATOMIC, codec.packb([[rtype, payload] for rtype, payload in records])
 
 
-def decode_record(rtype: int, payload: bytes) -> list[tuple[Mutation, bytes]]:
-    """The mutations in one WAL record, each with its own encoded payload."""
+def decode_record(
+    rtype: int, payload: bytes, *, item_keys_only: bool = False
+) -> list[tuple[Mutation, bytes]]:
+    """The mutations in one WAL record, each with its own encoded payload.
+
+    ``item_keys_only`` (replay) reads item versions as :class:`VersionPut`.
+    """
     if rtype != RecordType.ATOMIC:
-        return [(decode_mutation(rtype, payload), payload)]
+        return [(decode_mutation(rtype, payload, item_keys_only=item_keys_only), payload)]
     parts = codec.unpackb(payload)
     if not isinstance(parts, list):
         raise CodecError("malformed ATOMIC WAL record")
@@ -140,7 +158,8 @@ def decode_record(rtype: int, payload: bytes) -> list[tuple[Mutation, bytes]]:
         inner_type, inner_payload = part
         if inner_type == RecordType.ATOMIC:
             raise CodecError("nested ATOMIC WAL record")
-        out.append((decode_mutation(int(inner_type), inner_payload), inner_payload))
+        mutation = decode_mutation(int(inner_type), inner_payload, item_keys_only=item_keys_only)
+        out.append((mutation, inner_payload))
     return out
 
 
@@ -183,7 +202,7 @@ def _fields(payload: bytes, names: tuple[str, ...]) -> dict[str, Any]:
     return doc
 
 
-def decode_mutation(rtype: int, payload: bytes) -> Mutation:
+def decode_mutation(rtype: int, payload: bytes, *, item_keys_only: bool = False) -> Mutation:
     """Inverse of :func:`encode_mutation`; CodecError on anything unexpected."""
     try:
         kind = RecordType(rtype)
@@ -193,6 +212,8 @@ def decode_mutation(rtype: int, payload: bytes) -> Mutation:
         if kind is RecordType.CUBE_PUT:
             return CubePut(codec.decode_cube(payload))
         if kind is RecordType.ITEM_PUT:
+            if item_keys_only:
+                return VersionPut(codec.decode_item_keys(payload))
             return ItemPut(codec.decode_item(payload))
         if kind is RecordType.ITEM_PURGE:
             return ItemPurge(codec.decode_purge(payload))

@@ -31,10 +31,11 @@ from memosd.store.records import (
     Mutation,
     TokenDelete,
     TokenPut,
+    VersionPut,
     encode_mutation,
 )
 
-__all__ = ["StoreView", "TokenRecord", "blob_refs"]
+__all__ = ["StoreView", "TokenRecord", "payload_blob_refs"]
 
 _PER_ITEM_DBS = ("versions", "latest", "purges", "usage", "grants")
 _CHANGE_KEY = struct.Struct(">QI")  # keys.pack_u64(lsn) + keys.pack_u32(index)
@@ -191,21 +192,13 @@ class StoreView:
                 for db_name in _PER_ITEM_DBS:
                     self._delete_prefix(db_name, prefix)
             case ItemPut(item):
-                vkey = keys.version_key(item.cube, item.id, item.version)
-                if self._get("versions", vkey) is not None:
-                    return  # replayed twice: versions are immutable
-                for sha in blob_refs(item):
-                    self._add_blob_ref(sha, +1)
                 if payload is None:
                     payload = encode_mutation(mutation)[1]
-                self.txn.put(vkey, payload, db=self.dbs["versions"])
-                current = self.latest_version(item.cube, item.id)
-                if current is None or current < item.version:
-                    self.txn.put(
-                        keys.item_key(item.cube, item.id),
-                        keys.pack_u32(item.version),
-                        db=self.dbs["latest"],
-                    )
+                self._put_version(item.cube, item.id, item.version, item.payload, payload)
+            case VersionPut(ref):
+                if payload is None:
+                    raise TypeError("a VersionPut is applied with its record")
+                self._put_version(ref.cube, ref.id, ref.version, ref.payload, payload)
             case ItemPurge(record):
                 key = keys.item_key(record.cube, record.id)
                 self._release_blobs_under("versions", keys.version_prefix(record.cube, record.id))
@@ -234,6 +227,21 @@ class StoreView:
                 if existing is not None:
                     self.txn.delete(existing.token_hash, db=self.dbs["tokenhash"])
                 self.txn.delete(name.encode(), db=self.dbs["tokens"])
+
+    def _put_version(
+        self, cube: str, item_id: str, version: int, item_payload: Any, record: bytes
+    ) -> None:
+        vkey = keys.version_key(cube, item_id, version)
+        if self._get("versions", vkey) is not None:
+            return  # replayed twice: versions are immutable
+        for sha in payload_blob_refs(item_payload):
+            self._add_blob_ref(sha, +1)
+        self.txn.put(vkey, record, db=self.dbs["versions"])
+        current = self.latest_version(cube, item_id)
+        if current is None or current < version:
+            self.txn.put(
+                keys.item_key(cube, item_id), keys.pack_u32(version), db=self.dbs["latest"]
+            )
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -297,7 +305,7 @@ class StoreView:
 
     def _release_blobs_under(self, db_name: str, prefix: bytes) -> None:
         for _, value in self._scan(db_name, prefix):
-            for sha in blob_refs(codec.decode_item(value)):
+            for sha in payload_blob_refs(codec.decode_item_keys(value).payload):
                 self._add_blob_ref(sha, -1)
 
     def record_change(self, lsn: int, index: int, change: list[Any]) -> None:
@@ -381,9 +389,8 @@ def _replace_usage(item: MemoryItem, usage: Usage | None) -> MemoryItem:
     return replace(item, usage=usage if usage is not None else Usage())
 
 
-def blob_refs(item: MemoryItem) -> list[str]:
-    """Blob shas an item version references through ``payload["blobs"]``."""
-    payload = item.payload
+def payload_blob_refs(payload: Any) -> list[str]:
+    """Blob shas named by an item payload's ``"blobs"`` (a map or a list)."""
     if not payload:
         return []
     blobs = payload.get("blobs")

@@ -31,6 +31,7 @@ from memosd.memcube import (
     packb,
     unpackb,
 )
+from memosd.memcube.codec import decode_item_keys
 from memosd.memcube.model import MAX_METADATA_DEPTH, Operation
 
 # --- strategies ----------------------------------------------------------------------
@@ -240,6 +241,33 @@ def test_item_round_trip(item: MemoryItem) -> None:
     assert decoded == item
     assert encode_item(decoded) == encoded  # deterministic
     assert decode_any(encoded) == item
+
+
+@ROUND_TRIP
+@given(items())
+def test_item_keys_read_the_same_fields_as_the_full_decode(item: MemoryItem) -> None:
+    keys = decode_item_keys(encode_item(item))
+    assert keys == (
+        item.cube,
+        item.id,
+        item.version,
+        item.status,
+        item.provenance.operation,
+        item.payload,
+    )
+
+
+def test_item_keys_reject_what_is_not_an_item_record() -> None:
+    good = encode_item(KNOWN_ITEM)
+    for bad in (encode_cube(KNOWN_CUBE), b"\x93\x01\x02\x03", good[:-1], good + b"\x00"):
+        with pytest.raises(CodecError):
+            decode_item_keys(bad)
+    record = msgpack.unpackb(good)
+    for field, value in [("ver", 0), ("cube", "bad cube!"), ("st", "zombie"), ("id", "x")]:
+        with pytest.raises(CodecError, match=field):
+            decode_item_keys(msgpack.packb({**record, field: value}))
+    with pytest.raises(CodecError, match="prov"):
+        decode_item_keys(msgpack.packb({**record, "prov": [None, None, None, [], "teleport"]}))
 
 
 @ROUND_TRIP

@@ -198,6 +198,29 @@ def test_rotation_and_replay_across_segments(tmp_path: Path) -> None:
         assert [r.payload for r in wal.replay(44)] == [bytes(100)]
 
 
+def test_records_kept_from_recovery_replay_like_the_disk(tmp_path: Path) -> None:
+    with WriteAheadLog.open(tmp_path, segment_bytes=256) as wal:
+        fill(wal, 40)
+    with WriteAheadLog.open(tmp_path, segment_bytes=256) as wal:
+        from_disk = list(wal.replay(12))
+    io = CountingFileIO(OsFileIO())
+    with WriteAheadLog.open(tmp_path, io=io, segment_bytes=256, keep_after_lsn=12) as wal:
+        reads = io.calls["read_file"]
+        assert list(wal.replay(12)) == from_disk  # no segment read twice
+        assert io.calls["read_file"] == reads
+        assert [r.lsn for r in from_disk] == list(range(13, 41))
+        assert wal.append(1, b"after open") == 41
+        # The kept records serve one replay; later ones read the segments.
+        assert lsns(wal, 12) == list(range(13, 42))
+        assert io.calls["read_file"] > reads
+    with WriteAheadLog.open(tmp_path, segment_bytes=256, keep_after_lsn=30) as wal:
+        assert lsns(wal, 5) == list(range(6, 42))  # another start: from disk
+    with WriteAheadLog.open(tmp_path, segment_bytes=256, keep_after_lsn=41) as wal:
+        assert lsns(wal, 41) == []
+        assert wal.append(1, b"x") == 42
+        assert lsns(wal, 41) == [42]
+
+
 def test_checkpoint_deletes_applied_segments_only(tmp_path: Path) -> None:
     with WriteAheadLog.open(tmp_path, segment_bytes=256) as wal:
         fill(wal, 40)
