@@ -258,10 +258,11 @@ class DenseIndex:
                     sims, ids = self._index.search(q, fetch, params=params)
                 else:
                     sims, ids = self._index.search(q, fetch)
+                live = self._live
                 out = [
-                    (int(i), float(s))
-                    for s, i in zip(sims[0], ids[0], strict=True)
-                    if i >= 0 and int(i) in self._live
+                    (i, s)
+                    for s, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True)
+                    if i >= 0 and i in live
                 ]
                 if len(out) >= k or fetch >= total:
                     return out[:k]
