@@ -185,7 +185,10 @@ class DenseIndex:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
         vectors = self._index.index.reconstruct_n(0, total)
-        keep = np.fromiter((int(x) in self._live for x in ids), dtype=bool, count=len(ids))
+        live = self._live
+        keep = np.fromiter((x in live for x in ids.tolist()), dtype=bool, count=len(ids))
+        if keep.all():  # the usual flat -> HNSW switch: no second copy of every vector
+            return np.ascontiguousarray(ids), np.ascontiguousarray(vectors, dtype=np.float32)
         return np.ascontiguousarray(ids[keep]), np.ascontiguousarray(vectors[keep])
 
     def _new_hnsw(self) -> Any:
