@@ -78,28 +78,22 @@ class _Posting:
     """A term's posting as numpy arrays (built from the dict on first use).
 
     ``slots`` ascending where possible (scatter-adds into the score buffer
-    then walk memory forward); ``lens`` are the documents' lengths, fixed
-    while the slot is in the posting (removing a document drops the arrays
-    of its terms); ``weights`` the BM25 term weight without idf,
+    then walk memory forward; removing a document drops the arrays of its
+    terms, so every slot here holds the document it held when added);
+    ``weights`` the BM25 term weight without idf,
     ``tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avgdl))``, computed for
     the collection statistics in ``stamp`` (recomputed when they change).
     Adds append to the ``extra`` lists, merged on the next search.
     """
 
-    __slots__ = ("extra", "lens", "slots", "stamp", "tfs", "weights")
+    __slots__ = ("extra", "slots", "stamp", "tfs", "weights")
 
-    def __init__(
-        self,
-        slots: npt.NDArray[np.int64],
-        tfs: npt.NDArray[np.float32],
-        lens: npt.NDArray[np.float32],
-    ) -> None:
+    def __init__(self, slots: npt.NDArray[np.int64], tfs: npt.NDArray[np.float32]) -> None:
         self.slots = slots
         self.tfs = tfs
-        self.lens = lens
         self.weights: npt.NDArray[np.float32] | None = None
         self.stamp: tuple[int, int] = (-1, -1)
-        self.extra: list[tuple[int, int, int]] = []
+        self.extra: list[tuple[int, int]] = []
 
 
 #: Score buffers at least this long pick their top-k candidates by a sampled
@@ -170,7 +164,7 @@ class BM25Index:
             self._postings.setdefault(term, {})[slot] = tf
             cached = cache.get(term)
             if cached is not None:
-                cached.extra.append((slot, tf, length))
+                cached.extra.append((slot, tf))
 
     def remove(self, label: int) -> bool:
         """Forget ``label``; False if it was not indexed."""
@@ -206,25 +200,25 @@ class BM25Index:
             if len(slots) > 1 and bool(np.any(slots[1:] < slots[:-1])):
                 order = np.argsort(slots, kind="stable")
                 slots, tfs = slots[order], tfs[order]
-            cached = _Posting(slots, tfs, self._lengths[slots])
+            cached = _Posting(slots, tfs)
             self._cache[term] = cached
         elif cached.extra:
-            extra = np.array(cached.extra, dtype=np.int64).reshape(-1, 3)
+            extra = np.array(cached.extra, dtype=np.int64).reshape(-1, 2)
             cached.extra = []
             slots = np.concatenate((cached.slots, extra[:, 0]))
             tfs = np.concatenate((cached.tfs, extra[:, 1].astype(np.float32)))
-            lens = np.concatenate((cached.lens, extra[:, 2].astype(np.float32)))
             if len(cached.slots) and int(extra[:, 0].min()) < int(cached.slots[-1]):
                 order = np.argsort(slots, kind="stable")
-                slots, tfs, lens = slots[order], tfs[order], lens[order]
-            cached.slots, cached.tfs, cached.lens = slots, tfs, lens
+                slots, tfs = slots[order], tfs[order]
+            cached.slots, cached.tfs = slots, tfs
             cached.weights = None
         stamp = (self._total_length, len(self._docs))
         if cached.weights is None or cached.stamp != stamp:
             avgdl = self._total_length / len(self._docs) if self._total_length else 1.0
             k1, b = self.k1, self.b
             tfs = cached.tfs
-            norm = np.float32(k1 * (1.0 - b)) + np.float32(k1 * b / avgdl) * cached.lens
+            lens = self._lengths[cached.slots]
+            norm = np.float32(k1 * (1.0 - b)) + np.float32(k1 * b / avgdl) * lens
             weights = tfs * np.float32(k1 + 1.0) / (tfs + norm)
             cached.weights = weights.astype(np.float32, copy=False)
             cached.stamp = stamp
