@@ -185,7 +185,10 @@ class DenseIndex:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
         vectors = self._index.index.reconstruct_n(0, total)
-        keep = np.fromiter((int(x) in self._live for x in ids), dtype=bool, count=len(ids))
+        live = self._live
+        keep = np.fromiter((x in live for x in ids.tolist()), dtype=bool, count=len(ids))
+        if keep.all():  # the usual flat -> HNSW switch: no second copy of every vector
+            return np.ascontiguousarray(ids), np.ascontiguousarray(vectors, dtype=np.float32)
         return np.ascontiguousarray(ids[keep]), np.ascontiguousarray(vectors[keep])
 
     def _new_hnsw(self) -> Any:
@@ -258,10 +261,11 @@ class DenseIndex:
                     sims, ids = self._index.search(q, fetch, params=params)
                 else:
                     sims, ids = self._index.search(q, fetch)
+                live = self._live
                 out = [
-                    (int(i), float(s))
-                    for s, i in zip(sims[0], ids[0], strict=True)
-                    if i >= 0 and int(i) in self._live
+                    (i, s)
+                    for s, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True)
+                    if i >= 0 and i in live
                 ]
                 if len(out) >= k or fetch >= total:
                     return out[:k]

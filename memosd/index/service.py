@@ -235,7 +235,11 @@ class SearchService:
                 cube.require_dense()
         vector = self.queries.embed_query(query) if mode != "lexical" else None
         terms = tokenize(query) if mode != "dense" else []
-        n = max(self.settings.candidates, k)
+        n = (
+            k
+            if self._top_k_suffices(cubes, filters, boosts, mode)
+            else max(self.settings.candidates, k)
+        )
         while True:
             found = self._gather(cubes, vector, terms, n)
             hits = self._rank_and_fetch(
@@ -250,6 +254,29 @@ class SearchService:
             if len(hits) >= k or found.exhausted:
                 return hits
             n *= 4
+
+    def _top_k_suffices(
+        self,
+        cubes: list[CubeIndex],
+        filters: SearchFilters | None,
+        boosts: Boosts | None,
+        mode: str,
+    ) -> bool:
+        """True if each list's best ``k`` already decide the result, so a search
+        can ask the indexes for ``k`` candidates instead of ``candidates``.
+
+        That holds for a single-modality search (no fusion, whose score scaling
+        depends on the whole candidate list) that nothing re-ranks or drops:
+        no restrictive filter, no boost, and no session-neighbour smoothing
+        (off, or no item of these cubes has a session).  Pure dense searches
+        over plain items - the common case for small corpora - then skip the
+        bookkeeping of ~100 candidates.
+        """
+        if mode == "hybrid" or (filters is not None and filters.restrictive):
+            return False
+        if boosts is not None and boosts.active:
+            return False
+        return self.settings.neighbour_weight <= 0 or not any(cube.sessions for cube in cubes)
 
     def _gather(
         self,
@@ -405,6 +432,11 @@ class SearchService:
         """Add ``neighbour_weight`` x the best candidate score among each candidate's
         session neighbours (the items just before and after it), then re-rank."""
         weight = self.settings.neighbour_weight
+        cubes = {cube_name for (cube_name, _), _, _ in ranked}
+        if not any(
+            (cube := self.indexer.cube(name)) is not None and cube.sessions for name in cubes
+        ):
+            return ranked  # no candidate has a session neighbour: nothing to add
         base = {key: score for key, score, _ in ranked}
         by_cube: dict[str, list[str]] = {}
         for (cube_name, item_id), _, _ in ranked:

@@ -57,7 +57,8 @@ class IndexSettings:
       - evidence often sits next to the turn a question matches (LoCoMo
       R@10 0.740 -> 0.755; docs/retrieval.md); 0 turns it off;
       ``candidates`` (100) candidates taken from each list before fusion
-      (more are fetched if filters remove too many); ``max_k`` (1000);
+      (more are fetched if filters remove too many; a dense- or lexical-only
+      search that nothing re-ranks or drops takes just k); ``max_k`` (1000);
       ``query_cache_size`` (1024) LRU query embeddings; ``history_scan_limit``
       (50_000) items an ``as_of``/non-active-status search may scan per cube.
     """

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
+from collections import Counter
+from itertools import pairwise
 
 import pytest
 
+from memosd.index import bm25
 from memosd.index.bm25 import BM25Index, stem, tokenize
 
 
@@ -72,3 +76,101 @@ def test_state_round_trip() -> None:
     copy = BM25Index.from_state(index.to_state())
     assert (copy.k1, copy.b, len(copy)) == (1.5, 0.5, 3)
     assert copy.search("four two", 3) == index.search("four two", 3)
+
+
+# --- the vectorised scorer against a plain-Python reference on random corpora -----------
+
+_VOCAB = [f"w{i}" for i in range(40)] + ["common"] * 20  # "common": in most documents
+
+
+def _reference(
+    docs: dict[int, list[str]], query: list[str], k1: float, b: float
+) -> dict[int, float]:
+    """BM25 by the module docstring's formula, in float64, straight from the documents."""
+    n = len(docs)
+    avgdl = sum(len(t) for t in docs.values()) / n
+    counts = {label: Counter(terms) for label, terms in docs.items()}
+    out: dict[int, float] = {}
+    for term in dict.fromkeys(query):
+        df = sum(1 for c in counts.values() if term in c)
+        if not df:
+            continue
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        for label, c in counts.items():
+            tf = c.get(term, 0)
+            if tf:
+                norm = k1 * (1 - b + b * len(docs[label]) / avgdl)
+                out[label] = out.get(label, 0.0) + idf * tf * (k1 + 1) / (tf + norm)
+    return out
+
+
+def _check_search(index: BM25Index, docs: dict[int, list[str]], query: list[str], k: int) -> None:
+    ref = _reference(docs, query, index.k1, index.b)
+    got = index.search(query, k)
+    best = sorted(ref.values(), reverse=True)[:k]
+    assert len(got) == len(best)
+    for rank, (label, score) in enumerate(got):
+        assert score == pytest.approx(ref[label], rel=1e-5)
+        # The label at each rank has the reference's score at that rank (ties aside).
+        assert ref[label] == pytest.approx(best[rank], rel=1e-5)
+    # Best first, ties by label.
+    assert all((a[1] > b[1]) or (a[1] == b[1] and a[0] < b[0]) for a, b in pairwise(got))
+    assert index.scores(query) == pytest.approx(ref, rel=1e-5)
+
+
+def _random_doc(rng: random.Random) -> list[str]:
+    return [rng.choice(_VOCAB) for _ in range(rng.randint(1, 15))]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_corpora_rank_as_the_formula(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small sampling thresholds so the sampled top-k path runs on a small corpus too.
+    if seed % 2:
+        monkeypatch.setattr(bm25, "_SAMPLED_TOP", 64)
+        monkeypatch.setattr(bm25, "_SAMPLE", 16)
+    rng = random.Random(seed)
+    index = BM25Index(k1=1.2, b=0.75)
+    docs: dict[int, list[str]] = {}
+    for label in range(1, 400):
+        docs[label] = _random_doc(rng)
+        index.add_terms(label, Counter(docs[label]))
+    for _ in range(30):
+        query = [rng.choice(_VOCAB) for _ in range(rng.randint(1, 4))] + ["absent"]
+        _check_search(index, docs, query, rng.choice([1, 5, 10, 100, 1000]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stays_in_step_with_adds_updates_deletes_and_reload(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Searches interleaved with writes (cached posting arrays get appended to, dropped,
+    slots reused) give the formula's ranking at every step, and so does a reload."""
+    monkeypatch.setattr(bm25, "_SAMPLED_TOP", 64)
+    monkeypatch.setattr(bm25, "_SAMPLE", 16)
+    rng = random.Random(100 + seed)
+    index = BM25Index(k1=1.5, b=0.6)
+    docs: dict[int, list[str]] = {}
+    next_label = 1
+    for step in range(600):
+        op = rng.random()
+        if op < 0.55 or not docs:
+            docs[next_label] = _random_doc(rng)
+            index.add_terms(next_label, Counter(docs[next_label]))
+            next_label += 1
+        elif op < 0.75:  # update in place (same label, new text)
+            label = rng.choice(list(docs))
+            docs[label] = _random_doc(rng)
+            index.add(label, " ".join(docs[label]))
+        else:
+            label = rng.choice(list(docs))
+            del docs[label]
+            assert index.remove(label)
+        if step % 7 == 0 and docs:
+            query = [rng.choice(_VOCAB) for _ in range(rng.randint(1, 3))]
+            _check_search(index, docs, query, rng.choice([3, 10, 50]))
+    assert len(index) == len(docs)
+    copy = BM25Index.from_state(index.to_state())
+    for _ in range(20):
+        query = [rng.choice(_VOCAB) for _ in range(rng.randint(1, 3))]
+        _check_search(copy, docs, query, 10)
+        assert copy.search(query, 10) == index.search(query, 10)

@@ -400,3 +400,73 @@ def test_everything_written_in_one_burst_is_searchable_with_two_workers(
         hits = svc.search(["notes"], text, k=1, mode="dense", wait_for_lsn=engine.applied_lsn)
         assert _texts(hits) == [text]
     svc.close()
+
+
+def _spy_candidates(svc: SearchService, cube_name: str) -> list[tuple[str, int]]:
+    """Record how many candidates each search asks the cube's indexes for."""
+    cube = svc.indexer.cube(cube_name)
+    assert cube is not None
+    asked: list[tuple[str, int]] = []
+    dense, lexical = cube.search_dense, cube.search_lexical
+
+    def search_dense(query: Any, n: int) -> list[tuple[str, float]]:
+        asked.append(("dense", n))
+        return dense(query, n)
+
+    def search_lexical(terms: Any, n: int) -> list[tuple[str, float]]:
+        asked.append(("lexical", n))
+        return lexical(terms, n)
+
+    cube.search_dense = search_dense  # type: ignore[method-assign]
+    cube.search_lexical = search_lexical  # type: ignore[method-assign]
+    return asked
+
+
+def test_single_mode_searches_without_reranking_ask_for_k_candidates(
+    engine: Engine, service: SearchService
+) -> None:
+    for i in range(40):
+        engine.add("notes", f"note {i} about river {'berlin' * (i % 3)} walk {i % 7}", tags=["t"])
+    lsn = engine.applied_lsn
+    service.search(["notes"], "river", wait_for_lsn=lsn)
+    asked = _spy_candidates(service, "notes")
+    daemon_filters = SearchFilters(tags=(), status="active")  # what the daemon passes
+    top = {
+        mode: service.search(["notes"], "berlin river walk 3", k=20, mode=mode)
+        for mode in ("dense", "lexical")
+    }
+    assert asked == [("dense", 20), ("lexical", 20)]
+    for mode in ("dense", "lexical"):
+        asked.clear()
+        hits = service.search(
+            ["notes"], "berlin river walk 3", k=3, mode=mode, filters=daemon_filters
+        )
+        assert [h.item.id for h in hits] == [h.item.id for h in top[mode][:3]]
+        assert [h.score for h in hits] == [h.score for h in top[mode][:3]]
+        assert asked == [(mode, 3)]
+    # Fusion, restrictive filters and boosts still look at `candidates` per list.
+    n = SETTINGS.candidates
+    for kwargs, expected in (
+        ({}, [("dense", n), ("lexical", n)]),
+        ({"mode": "dense", "filters": SearchFilters(tags=("t",))}, [("dense", n)]),
+        ({"mode": "lexical", "boosts": Boosts(importance=1.0)}, [("lexical", n)]),
+    ):
+        asked.clear()
+        service.search(["notes"], "berlin river", k=3, **kwargs)
+        assert asked == expected, kwargs
+
+
+def test_cubes_with_sessions_keep_all_candidates_for_smoothing(
+    engine: Engine, tmp_path: Path
+) -> None:
+    svc = SearchService(engine, tmp_path / "data", embedder=HashingEmbedder(64), settings=SETTINGS)
+    svc.start()
+    engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
+    _conversation(engine)
+    full = svc.search(["notes"], "alpha gamma", wait_for_lsn=engine.applied_lsn, mode="lexical")
+    asked = _spy_candidates(svc, "notes")
+    hits = svc.search(["notes"], "alpha gamma", k=1, mode="lexical")
+    assert asked == [("lexical", SETTINGS.candidates)]
+    assert [h.item.id for h in hits] == [full[0].item.id]
+    assert "neighbour" in hits[0].components or "neighbour" in full[1].components
+    svc.close()
