@@ -59,6 +59,7 @@ from memosd.memcube.model import (
 )
 from memosd.scheduler import jobs
 from memosd.store.blobs import BlobStore
+from memosd.store.decoded import StoreCaches
 from memosd.store.group_commit import GroupCommitter, Submission
 from memosd.store.lmdb_env import LmdbEnv, PendingCheckpoint
 from memosd.store.planner import Planner
@@ -196,6 +197,7 @@ class Engine:
         )
         self._stop_housekeeper = threading.Event()
         self._usage_lock = threading.Lock()
+        self._caches = StoreCaches()
         self._pending_hits: dict[tuple[str, str], tuple[int, int]] = {}
         self._failure: MemosError | None = None
         self._background_checkpoint: threading.Thread | None = None
@@ -406,7 +408,7 @@ class Engine:
         transactions cost ~3 us per write, so they are only used then.
         """
         txn = self.store.begin_write()
-        shared = StoreView(txn, self.store.dbs)
+        shared = StoreView(txn, self.store.dbs, self._caches)
         outcomes: list[tuple[_Op, Any]] = []
         logged: list[list[tuple[Mutation, int, bytes]]] = []  # per WAL record
         released: set[str] = set()
@@ -417,7 +419,7 @@ class Engine:
                 assert plan is not None
                 child = self.store.env.begin(write=True, parent=txn) if isolate else None
                 planner = Planner(
-                    shared if child is None else StoreView(child, self.store.dbs),
+                    shared if child is None else StoreView(child, self.store.dbs, self._caches),
                     self._now_us(),
                     new_id=self._ids,
                     max_text_bytes=self.settings.max_text_bytes,
@@ -797,7 +799,7 @@ class Engine:
         if self._closed:
             raise Unavailable("the storage engine is closed", reason="closed")
         with self.store.read() as txn:
-            return fn(StoreView(txn, self.store.dbs))
+            return fn(StoreView(txn, self.store.dbs, self._caches))
 
     def get_cube(self, name: str) -> MemCube:
         return self._read(lambda v: v.require_cube(name))

@@ -20,6 +20,7 @@ from memosd.memcube.model import MemCube, MemoryItem, PurgeRecord, Usage
 from memosd.scheduler.jobs import Job, decode_job, encode_job
 from memosd.store import keys
 from memosd.store.blobs import is_blob_ref
+from memosd.store.decoded import DecodedItem, StoreCaches
 from memosd.store.records import (
     CubeDrop,
     CubePut,
@@ -51,9 +52,13 @@ class TokenRecord:
 
 
 class StoreView:
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+    def __init__(
+        self, txn: lmdb.Transaction, dbs: dict[str, Any], caches: StoreCaches | None = None
+    ) -> None:
         self.txn = txn
         self.dbs = dbs
+        # Decoded items and cubes by their bytes (memosd.store.decoded).
+        self._caches = caches
         # Blobs whose last reference went away in this transaction; the
         # engine deletes their files once the transaction is committed.
         self.released_blobs: set[str] = set()
@@ -72,8 +77,18 @@ class StoreView:
     # -- cubes --------------------------------------------------------------------
 
     def cube(self, name: str) -> MemCube | None:
-        raw = self._get("cubes", name.encode())
-        return None if raw is None else codec.decode_cube(raw)
+        key = name.encode()
+        raw = self._get("cubes", key)
+        if raw is None:
+            return None
+        if self._caches is None:
+            return codec.decode_cube(raw)
+        cached = self._caches.cubes.get(key)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        cube = codec.decode_cube(raw)
+        self._caches.cubes.put(key, (raw, cube))
+        return cube
 
     def require_cube(self, name: str) -> MemCube:
         cube = self.cube(name)
@@ -100,8 +115,26 @@ class StoreView:
         return None if raw is None else keys.unpack_u32(raw)
 
     def version(self, cube: str, item_id: str, version: int) -> MemoryItem | None:
-        raw = self._get("versions", keys.version_key(cube, item_id, version))
-        return None if raw is None else self._with_usage(codec.decode_item(raw))
+        vkey = keys.version_key(cube, item_id, version)
+        raw = self._get("versions", vkey)
+        if raw is None:
+            return None
+        return self._decode_version(vkey, raw, self._get("usage", keys.item_key(cube, item_id)))
+
+    def _decode_version(self, vkey: bytes, raw: bytes, usage_raw: bytes | None) -> MemoryItem:
+        """The item of version record ``raw`` with usage record ``usage_raw`` merged in."""
+        caches = self._caches
+        entry = None if caches is None else caches.items.get(vkey)
+        if entry is not None and entry.record == raw:
+            if entry.usage_record == usage_raw:
+                return entry.item
+            base = entry.base
+        else:
+            base = codec.decode_item(raw)
+        item = base if usage_raw is None else _replace_usage(base, _decode_usage(usage_raw))
+        if caches is not None:
+            caches.items.put(vkey, DecodedItem(raw, base, usage_raw, item))
+        return item
 
     def latest(self, cube: str, item_id: str) -> MemoryItem | None:
         version = self.latest_version(cube, item_id)
@@ -109,9 +142,11 @@ class StoreView:
 
     def history(self, cube: str, item_id: str) -> list[MemoryItem]:
         prefix = keys.version_prefix(cube, item_id)
-        out = [codec.decode_item(value) for _, value in self._scan("versions", prefix)]
-        usage = self.usage(cube, item_id)
-        return [_replace_usage(item, usage) for item in out] if usage else out
+        usage_raw = self._get("usage", keys.item_key(cube, item_id))
+        return [
+            self._decode_version(key, value, usage_raw)
+            for key, value in self._scan("versions", prefix)
+        ]
 
     def iter_latest(self, cube: str, after: str | None = None) -> Iterator[MemoryItem]:
         """Latest version of every item of ``cube`` in id order (ids > ``after``)."""
@@ -134,10 +169,7 @@ class StoreView:
 
     def usage(self, cube: str, item_id: str) -> Usage | None:
         raw = self._get("usage", keys.item_key(cube, item_id))
-        if raw is None:
-            return None
-        hits, last_hit_us, heat = codec.unpackb(raw)
-        return Usage(hits=int(hits), last_hit_us=last_hit_us, heat=float(heat))
+        return None if raw is None else _decode_usage(raw)
 
     def put_usage(self, cube: str, item_id: str, usage: Usage) -> None:
         self.txn.put(
@@ -145,10 +177,6 @@ class StoreView:
             codec.packb([usage.hits, usage.last_hit_us, usage.heat]),
             db=self.dbs["usage"],
         )
-
-    def _with_usage(self, item: MemoryItem) -> MemoryItem:
-        usage = self.usage(item.cube, item.id)
-        return _replace_usage(item, usage) if usage else item
 
     # -- access control ---------------------------------------------------------------
 
@@ -383,6 +411,11 @@ class StoreView:
             while bytes(cur.key()).startswith(prefix):
                 if not cur.delete():
                     break
+
+
+def _decode_usage(raw: bytes) -> Usage:
+    hits, last_hit_us, heat = codec.unpackb(raw)
+    return Usage(hits=int(hits), last_hit_us=last_hit_us, heat=float(heat))
 
 
 def _replace_usage(item: MemoryItem, usage: Usage | None) -> MemoryItem:

@@ -9,6 +9,7 @@ import pytest
 
 from memosd.engine import ChangeEvent, Engine, EngineSettings
 from memosd.errors import BadRequest, Conflict, NotFound, TooLarge
+from memosd.memcube.model import CubeConfig
 
 
 class FakeClock:
@@ -203,3 +204,40 @@ def test_get_many_reads_latest_versions_in_one_call(engine: Engine) -> None:
     assert got[1:] == [None, None, None]  # deleted, purged, never existed
     assert engine.get_many("nope", [a.id]) == [None]
     assert engine.get_many("notes", []) == []
+
+
+def test_reads_reuse_decoded_records_but_never_serve_stale_ones(engine: Engine) -> None:
+    item = engine.add("notes", "v1", metadata={"k": 1})
+    first = engine.get("notes", item.id)
+    assert engine.get("notes", item.id) is first  # decoded once, same bytes
+    assert engine.get_many("notes", [item.id]) == [first]
+    # New usage bytes: the cached decode is reused, the usage is not.
+    engine.record_hits("notes", [item.id], now_us=77)
+    engine.checkpoint()
+    hit = engine.get("notes", item.id)
+    assert (hit.usage.hits, hit.usage.last_hit_us, hit.text) == (1, 77, "v1")
+    # New versions, rollback and history read what is stored now.
+    engine.update("notes", item.id, text="v2")
+    assert engine.get("notes", item.id).text == "v2"
+    engine.rollback("notes", item.id, 1)
+    assert [(v.version, v.text) for v in engine.history("notes", item.id)] == [
+        (1, "v1"),
+        (2, "v2"),
+        (3, "v1"),
+    ]
+    assert all(v.usage.hits == 1 for v in engine.history("notes", item.id))
+    engine.purge("notes", item.id)
+    with pytest.raises(NotFound):
+        engine.get("notes", item.id)
+    assert engine.get_many("notes", [item.id]) == [None]
+
+
+def test_a_recreated_cube_is_read_with_its_new_config(engine: Engine) -> None:
+    engine.create_cube("tmp", owner="uid:1", config=CubeConfig(tier_policy={"short_max_items": 5}))
+    assert engine.get_cube("tmp").config.tier_policy == {"short_max_items": 5}
+    engine.drop_cube("tmp")
+    with pytest.raises(NotFound):
+        engine.get_cube("tmp")
+    engine.create_cube("tmp", owner="uid:2")
+    cube = engine.get_cube("tmp")
+    assert (cube.owner, cube.config.tier_policy) == ("uid:2", {})
