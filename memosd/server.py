@@ -45,6 +45,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import os
 import time
@@ -335,12 +336,27 @@ class Server:
             self._send([*envelope, *self._internal_error(request)])
             return
         self._begin()
-        entry = (envelope, request, write, future, time.perf_counter(), peer)
-        future.add_done_callback(lambda _: self._write_done_threadsafe(entry))
+        # The callback must not refer to the future (which refers to the
+        # callback): without that cycle a finished write is freed by reference
+        # counting, not left to the cyclic GC (whose full collections over the
+        # daemon's heap stop every thread holding the GIL).
+        future.add_done_callback(
+            functools.partial(
+                self._write_done_threadsafe, envelope, request, write, time.perf_counter(), peer
+            )
+        )
 
-    def _write_done_threadsafe(self, entry: _WriteEntry) -> None:
+    def _write_done_threadsafe(  # noqa: PLR0917 - a done callback takes positional args
+        self,
+        envelope: list[Any],
+        request: Request,
+        write: Write,
+        started: float,
+        peer: Peer | None,
+        future: Future[Any],
+    ) -> None:
         """Commit thread: queue a finished write; wake the loop once per burst."""
-        self._completions.append(entry)
+        self._completions.append((envelope, request, write, future, started, peer))
         if not self._completions_scheduled:
             self._completions_scheduled = True
             loop = self._loop
