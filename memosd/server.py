@@ -83,6 +83,7 @@ _BURST = 64  # messages handled before the receive loop yields to other tasks
 SOCKET_FILE_MODE = 0o660
 ADMIN_SOCKET_FILE_MODE = 0o600  # the PUB firehose: the daemon's user (and root) only
 _FEED_TICK_S = 0.25  # retry of queued feed events
+_PEER_CACHE_MAX = 4096  # parsed Peer-Address values kept (one per connection)
 
 
 # A write in flight: envelope, request, its Write, the engine's future, start time, peer.
@@ -129,6 +130,7 @@ class Server:
         self._receive_scope: anyio.CancelScope | None = None
         self._handlers_scope: anyio.CancelScope | None = None
         self._dropped_replies = 0
+        self._peers: dict[str, Peer | None] = {}  # Peer-Address value -> parsed
         # Write completions from the engine's commit thread, drained on the loop.
         self._completions: collections.deque[_WriteEntry] = collections.deque()
         self._completions_scheduled = False
@@ -265,7 +267,7 @@ class Server:
                 )
                 continue
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = _recv_message(router)
             except zmq.Again:
                 if _pollin(router):
                     continue
@@ -294,7 +296,7 @@ class Server:
         # A REQ peer puts an empty delimiter frame before the message; echo it.
         split = 2 if len(frames) > 2 and len(frames[1].buffer) == 0 else 1
         envelope: list[Any] = list(frames[:split])
-        peer = _peer_of(frames[split] if len(frames) > split else frames[0])
+        peer = self._peer_of(frames[split] if len(frames) > split else frames[0])
         try:
             request = decode_request([f.bytes for f in frames[split:]], self.limits)
         except MemosError as err:
@@ -312,6 +314,9 @@ class Server:
         else:
             self._begin()
             tg.start_soon(self._handle, envelope, request, peer)
+
+    def _peer_of(self, frame: zmq.Frame) -> Peer | None:
+        return _peer_of(frame, self._peers)
 
     def _begin(self) -> None:
         self._inflight += 1
@@ -550,9 +555,40 @@ def _pollin(sock: zmq.Socket[bytes]) -> bool:
     return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
-def _peer_of(frame: zmq.Frame) -> Peer | None:
+def _recv_message(router: zmq.Socket[bytes]) -> list[zmq.Frame]:
+    """One whole multipart message, without blocking (``zmq.Again`` if none).
+
+    ``recv_multipart`` asks ``ZMQ_RCVMORE`` with a ``getsockopt`` per frame;
+    a frame's own ``more`` flag says the same for less.  libzmq delivers a
+    multipart message atomically, so once its first frame is here all are.
+    """
+    recv = router.recv
+    frame = recv(zmq.NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = recv(zmq.NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
+
+
+def _peer_of(frame: zmq.Frame, cache: dict[str, Peer | None] | None = None) -> Peer | None:
+    """The peer credentials of a received frame (``Peer-Address``), parsed once per value."""
     try:
         value = frame.get("Peer-Address")
     except (zmq.ZMQError, UnicodeDecodeError):
         return None
-    return parse_peer_address(value if isinstance(value, str) else None)
+    if not isinstance(value, str):
+        return None
+    if cache is None:
+        return parse_peer_address(value)
+    # The value is the kernel's (SO_PEERCRED) for the connection, so a parse
+    # may be reused for every message with the same string.
+    try:
+        return cache[value]
+    except KeyError:
+        pass
+    peer = parse_peer_address(value)
+    if len(cache) >= _PEER_CACHE_MAX:
+        cache.clear()
+    cache[value] = peer
+    return peer
