@@ -83,6 +83,7 @@ _BURST = 64  # messages handled before the receive loop yields to other tasks
 SOCKET_FILE_MODE = 0o660
 ADMIN_SOCKET_FILE_MODE = 0o600  # the PUB firehose: the daemon's user (and root) only
 _FEED_TICK_S = 0.25  # retry of queued feed events
+_ZERO_COPY_MIN_BYTES = 64 * 1024  # pyzmq's own copy_threshold
 _PEER_CACHE_MAX = 4096  # parsed Peer-Address values kept (one per connection)
 
 
@@ -417,7 +418,7 @@ class Server:
         if router is None:
             return SendStatus.GONE
         try:
-            router.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+            router.send_multipart(frames, flags=zmq.DONTWAIT, copy=_copy_frames(frames))
         except zmq.Again:
             return SendStatus.FULL
         except zmq.ZMQError as exc:
@@ -494,7 +495,7 @@ class Server:
         if router is None:
             return
         try:
-            router.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+            router.send_multipart(frames, flags=zmq.DONTWAIT, copy=_copy_frames(frames))
         except zmq.Again:
             self._dropped_replies += 1
             _log.warning("reply dropped: the peer's queue is full (it is not reading)")
@@ -553,6 +554,25 @@ class Server:
 def _pollin(sock: zmq.Socket[bytes]) -> bool:
     """``ZMQ_EVENTS & POLLIN`` (reading it also re-arms the edge-triggered ZMQ_FD)."""
     return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+
+def _copy_frames(frames: list[Any]) -> bool:
+    """Whether to send ``frames`` copying (``copy=True``) rather than zero-copy.
+
+    pyzmq's ``copy=False`` wraps every ``bytes`` part in a new ``zmq.Frame``
+    (and copies small ones anyway): about 20 us more per small reply than a
+    plain copying send, measured here.  Large parts (KV tensors, exports)
+    still go zero-copy; received ``zmq.Frame`` parts (the routing envelope)
+    are sent as frames either way.
+    """
+    for frame in frames:
+        kind = type(frame)
+        if kind is bytes:
+            if len(frame) >= _ZERO_COPY_MIN_BYTES:
+                return False
+        elif kind is not zmq.Frame:
+            return False  # memoryviews and other buffers: as before, zero-copy
+    return True
 
 
 def _recv_message(router: zmq.Socket[bytes]) -> list[zmq.Frame]:

@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from memosd.protocol import encode_request
-from memosd.server import Server
+from memosd.server import Server, _copy_frames
 from memosd.service import Service, Write
 from memosd.settings import ServerSettings
 from memosd.testing import memosd_engine
@@ -93,6 +93,31 @@ def test_a_finished_write_leaves_no_cyclic_garbage(running_server: _Running) -> 
             gc.garbage.clear()
             gc.enable()
         assert leftovers == []
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def test_small_replies_are_sent_copying_large_ones_zero_copy() -> None:
+    frame = zmq.Frame(b"routing-id")
+    assert _copy_frames([frame, b"x" * 100])
+    assert not _copy_frames([frame, b"{}", b"x" * (64 * 1024)])  # a large payload frame
+    assert not _copy_frames([frame, b"{}", memoryview(b"tensor")])  # KV tensors: zero-copy
+
+
+def test_replies_of_every_size_arrive_whole(running_server: _Running) -> None:
+    """A reply with a large frame (zero-copy send) and small ones (copying)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(running_server.endpoint)
+    try:
+        assert _call(sock, 1, "create_cube", {"name": "notes"})["ok"]
+        text = "t" * (200 * 1024)
+        added = _call(sock, 2, "add", {"cube": "notes", "text": text})
+        assert added["ok"]
+        got = _call(sock, 3, "get", {"cube": "notes", "id": added["result"]["id"]})
+        assert got["result"]["text"] == text
     finally:
         sock.close(linger=0)
         ctx.term()
