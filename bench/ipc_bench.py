@@ -14,7 +14,9 @@ Measured:
    (pre-encoded request), through ``memosd.client.Client.get`` (adds client
    encode/decode), and of the two echoes.
 2. Throughput with 16 client processes each pipelining ``--window`` requests:
-   ``get``, ``add`` (durable: WAL fsync, group commit; no embedding), echo.
+   ``get``, ``add`` (durable: WAL fsync, group commit; no embedding), echo;
+   for memosd also the daemon's CPU time per request (all its threads, from
+   ``/proc/PID/stat``): on a shared machine it is steadier than the rate.
 
 Usage: ``python bench/ipc_bench.py [--n 5000] [--seconds 3] [--clients 16]``
 """
@@ -74,6 +76,13 @@ def start_echo(code: str, endpoint: str, size: int) -> subprocess.Popen[str]:
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     return proc
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -234,7 +243,8 @@ def main() -> None:
             f"\nthroughput, {args.clients} client processes x {args.window} pipelined, "
             f"{args.seconds:g}s each"
         )
-        print(f"{'':32} {'req/s':>10}")
+        print(f"{'':32} {'req/s':>10} {'daemon CPU us/req':>18}")
+        assert daemon.proc is not None
         for name, ep, req in [
             ("bare echo, sync pyzmq", echo_sync, echo_req),
             ("bare echo, zmq.asyncio+anyio", echo_async, echo_req),
@@ -242,8 +252,12 @@ def main() -> None:
             ("memosd add (durable)", endpoint, add_req),
         ]:
             check = ep == endpoint
+            cpu_before = process_cpu_s(daemon.proc.pid)
             rate = throughput(ep, req, args.clients, args.seconds, args.window, check)
-            print(f"{name:32} {rate:10.0f}")
+            # All threads of the daemon (loop, commit thread, ZeroMQ I/O), per
+            # request counted in the timed window (warm-up and drain add ~2%).
+            cpu = (process_cpu_s(daemon.proc.pid) - cpu_before) / (rate * args.seconds) * 1e6
+            print(f"{name:32} {rate:10.0f} {cpu if check else float('nan'):18.1f}")
         with daemon.client() as c:  # what the tier scheduler did with those adds
             engine = c.status().get("engine", {})
             kinds: dict[str, int] = {}

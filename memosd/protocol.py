@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -104,26 +104,40 @@ def _check_shape(value: Any, limits: Limits) -> bool:
     """Depth and type check of a decoded header, iteratively (no recursion).
 
     Returns whether any map holds a ``"$frame"`` key (a frame reference).
+    Scalars are checked where they are found; only maps and lists are pushed.
     """
     has_refs = False
+    max_depth = limits.max_depth
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
         kind = type(item)
-        if kind is dict or kind is list:
-            if depth >= limits.max_depth:
-                raise BadRequest(
-                    f"header nested deeper than {limits.max_depth} levels", reason="too_deep"
-                )
-            if kind is dict and FRAME_KEY in item:
+        if kind is dict:
+            if FRAME_KEY in item:
                 has_refs = True
-            children = item.values() if kind is dict else item
-            stack.extend((child, depth + 1) for child in children)
-        elif item is None or kind in (bool, int, float, str, bytes):
-            continue
+            children: Iterable[Any] = item.values()
+        elif kind is list:
+            children = item
         else:
-            raise BadRequest(f"unsupported msgpack type {kind.__name__}", reason="malformed")
+            _check_scalar(kind)
+            continue
+        if depth >= max_depth:
+            raise BadRequest(f"header nested deeper than {max_depth} levels", reason="too_deep")
+        for child in children:
+            child_kind = type(child)
+            if child_kind is dict or child_kind is list:
+                stack.append((child, depth + 1))
+            elif child_kind not in _SCALARS:
+                _check_scalar(child_kind)
     return has_refs
+
+
+_SCALARS: Final = frozenset({type(None), bool, int, float, str, bytes})
+
+
+def _check_scalar(kind: type) -> None:
+    if kind not in _SCALARS:
+        raise BadRequest(f"unsupported msgpack type {kind.__name__}", reason="malformed")
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -229,8 +243,8 @@ def _request_from_header(
         )
     if rid is None:
         raise BadRequest("header field 'id' must be an int in 0..2**63-1", reason="bad_header")
-    unknown = set(header) - _HEADER_KEYS
-    if unknown:
+    if not header.keys() <= _HEADER_KEYS:
+        unknown = set(header) - _HEADER_KEYS
         raise BadRequest(f"unknown header fields {sorted(unknown)}", reason="bad_header")
     op = header.get("op")
     if type(op) is not str or not op:
@@ -264,14 +278,26 @@ def encode_request(
 # --- responses ------------------------------------------------------------------
 
 
+# dataclass type -> its field names (dataclasses.fields() is slow for a hot path).
+_DATACLASS_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def to_wire(value: Any) -> Any:
     """A msgpack-safe form of ``value``: dataclasses become maps, tuples lists, enums values."""
+    kind = type(value)
+    if kind in _SCALARS:  # exact types: enum members (also str or int) go below
+        return value
+    names = _DATACLASS_FIELDS.get(kind)
+    if names is not None:
+        return {name: to_wire(getattr(value, name)) for name in names}
     if isinstance(value, enum.Enum):  # StrEnum members are also str: unwrap first
         return to_wire(value.value)
     if value is None or isinstance(value, bool | int | float | str | bytes):
         return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        names = tuple(f.name for f in dataclasses.fields(value))
+        _DATACLASS_FIELDS[kind] = names
+        return {name: to_wire(getattr(value, name)) for name in names}
     if isinstance(value, Mapping):
         return {str(k): to_wire(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
