@@ -30,7 +30,7 @@ the same checks, so what is written can always be read back.
 from __future__ import annotations
 
 from collections.abc import Callable
-from math import copysign
+from math import copysign, isnan
 from typing import Any, Final, NamedTuple, NoReturn
 
 import msgpack
@@ -349,8 +349,8 @@ def _usage_from(use: Any) -> Usage:
     hits, last_hit, heat = use
     if type(hits) is not int or not 0 <= hits <= _TIME_MAX:
         _bad("item", "use")
-    if not _is_opt_time(last_hit) or type(heat) is not float:
-        _bad("item", "use")
+    if not _is_opt_time(last_hit) or type(heat) is not float or isnan(heat):
+        _bad("item", "use")  # NaN never equals itself: items holding it would too
     if hits == 0 and last_hit is None and heat == 0.0 and copysign(1.0, heat) > 0:
         return _NO_USAGE  # most items: share one immutable value (not for -0.0)
     return Usage(hits, last_hit, heat)

@@ -257,6 +257,15 @@ def test_item_keys_read_the_same_fields_as_the_full_decode(item: MemoryItem) -> 
     )
 
 
+def test_nan_heat_is_a_codec_error() -> None:
+    # Found by the mutation test: a flipped byte turned heat inf into NaN,
+    # which decoded but never equals itself.
+    record = msgpack.unpackb(encode_item(KNOWN_ITEM))
+    with pytest.raises(CodecError, match="use"):
+        decode_item(msgpack.packb({**record, "use": [0, None, float("nan")]}))
+    assert decode_item(msgpack.packb({**record, "use": [0, None, float("inf")]})).usage.heat > 1
+
+
 def test_item_keys_reject_what_is_not_an_item_record() -> None:
     good = encode_item(KNOWN_ITEM)
     for bad in (encode_cube(KNOWN_CUBE), b"\x93\x01\x02\x03", good[:-1], good + b"\x00"):
