@@ -99,6 +99,14 @@ class SettingsError(BadRequest):
     default_reason = "bad_setting"
 
 
+def expand_user(text: str) -> Path:
+    """``text`` as a path, ``~``/``~user`` expanded; :class:`SettingsError` for an unknown user."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "~nobody-by-that-name": no home directory to expand to
+        raise SettingsError(f"cannot expand {text!r}: no such user or home directory") from None
+
+
 def _setting(
     default: Any,
     help: str,
@@ -787,7 +795,10 @@ def _parse_value(entry: _Entry, value: Any) -> Any:
         if isinstance(value, Path):
             result = value
         elif isinstance(value, str) and value.strip():
-            result = Path(value.strip()).expanduser()
+            try:
+                result = expand_user(value.strip())
+            except SettingsError as exc:
+                raise _BadValueError(exc.message) from None
         else:
             raise _BadValueError(f"expected a path, got {value!r}")
     elif kind is str:
@@ -955,7 +966,7 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     explicit = env.get(ENV_PREFIX + "SOCKET")
     if explicit:
-        return Path(explicit).expanduser()
+        return expand_user(explicit)
     xdg = env.get("XDG_RUNTIME_DIR")
     if xdg and Path(xdg).is_absolute():
         user = Path(xdg) / "memosd" / SOCKET_NAME
@@ -993,7 +1004,7 @@ def load_settings(
     if config_path is None and env.get(ENV_PREFIX + "CONFIG"):
         config_path = env[ENV_PREFIX + "CONFIG"]
     if config_path is not None:
-        _from_toml(Path(config_path).expanduser(), values)
+        _from_toml(expand_user(str(config_path)), values)
     _from_env(env, values)
     if overrides:
         _from_overrides(overrides, values)

@@ -338,3 +338,13 @@ def tomli_w_dumps(doc: dict[str, object]) -> bytes:
         if isinstance(v, dict)
     ]
     return ("\n".join(top) + "\n" + "\n".join(tables) + "\n").encode()
+
+
+def test_a_path_naming_an_unknown_users_home_is_a_settings_error() -> None:
+    with pytest.raises(SettingsError, match=r"MEMOSD_DATA_DIR.*no such user"):
+        load_settings(env={**HOME_ENV, "MEMOSD_DATA_DIR": "~no-such-user-0/x"})
+    with pytest.raises(SettingsError, match="no such user"):
+        load_settings(config_path="~no-such-user-0/memosd.toml", env=HOME_ENV)
+    with pytest.raises(SettingsError, match="no such user"):
+        default_socket_path({"MEMOSD_SOCKET": "~no-such-user-0/s"})
+    assert default_socket_path({"MEMOSD_SOCKET": "~/s"}) == Path("~/s").expanduser()
