@@ -236,28 +236,31 @@ def _item_record(item: MemoryItem) -> dict[str, Any]:
     }
 
 
+def _item_keys_from(r: dict[str, Any]) -> tuple[str, str, int, str]:
+    """Checked (id, cube, version, status) of an item record; KeyError if one is absent."""
+    id_, cube, version, status = r["id"], r["cube"], r["ver"], r["st"]
+    if not is_valid_id(id_):
+        _bad("item", "id")
+    if type(cube) is not str or _CUBE_MATCH(cube) is None:
+        _bad("item", "cube")
+    if type(version) is not int or not 1 <= version <= _TIME_MAX:
+        _bad("item", "ver")
+    if type(status) is not str or status not in STATUSES:
+        _bad("item", "st")
+    return id_, cube, version, status
+
+
 def _item_from_record(r: Any) -> MemoryItem:
     """Check every field of an item record (decoded or about to be encoded) and build it."""
     _check_header(r, "item", _ITEM_KEYS)
     try:
-        id_ = r["id"]
-        if not is_valid_id(id_):
-            _bad("item", "id")
-        cube = r["cube"]
-        if type(cube) is not str or _CUBE_MATCH(cube) is None:
-            _bad("item", "cube")
-        version = r["ver"]
-        if type(version) is not int or not 1 <= version <= _TIME_MAX:
-            _bad("item", "ver")
+        id_, cube, version, status = _item_keys_from(r)
         form = r["form"]
         if type(form) is not str or (form not in BUILTIN_FORMS and _FORM_MATCH(form) is None):
             _bad("item", "form")
         tier = r["tier"]
         if type(tier) is not str or tier not in TIERS:
             _bad("item", "tier")
-        status = r["st"]
-        if type(status) is not str or status not in STATUSES:
-            _bad("item", "st")
         text = r["text"]
         if type(text) is not str:
             _bad("item", "text")
@@ -394,21 +397,11 @@ def decode_item_keys(data: _BytesLike, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
     r = unpackb(data, max_bytes=max_bytes)
     _check_header(r, "item", _ITEM_KEYS)
     try:
-        id_, cube, version, status = r["id"], r["cube"], r["ver"], r["st"]
+        id_, cube, version, status = _item_keys_from(r)
         prov, payload = r["prov"], r["pl"]
     except KeyError as exc:
         raise CodecError(f"item record lacks field {exc}") from None
-    if not is_valid_id(id_):
-        _bad("item", "id")
-    if type(cube) is not str or _CUBE_MATCH(cube) is None:
-        _bad("item", "cube")
-    if type(version) is not int or not 1 <= version <= _TIME_MAX:
-        _bad("item", "ver")
-    if type(status) is not str or status not in STATUSES:
-        _bad("item", "st")
-    if not _is_seq(prov) or len(prov) != 5 or type(prov[4]) is not str:
-        _bad("item", "prov")
-    if prov[4] not in OPERATIONS:
+    if not _is_seq(prov) or len(prov) != 5 or type(prov[4]) is not str or prov[4] not in OPERATIONS:
         _bad("item", "prov")
     if payload is not None and not _is_map(payload):
         _bad("item", "pl")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,19 @@ def running_server(tmp_path: Path, memosd_engine: Any) -> Iterator[_Running]:
         service.close()
 
 
+@contextmanager
+def _dealer(endpoint: str) -> Iterator[zmq.Socket[bytes]]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
 def _call(sock: zmq.Socket[bytes], rid: int, op: str, args: dict[str, Any]) -> dict[str, Any]:
     sock.send_multipart(encode_request(rid, op, args))
     assert sock.poll(10_000), f"no reply to {op}"
@@ -68,11 +82,7 @@ def test_a_finished_write_leaves_no_cyclic_garbage(running_server: _Running) -> 
     A cycle per write (future -> done callback -> future) made the GC's full
     collections, which hold the GIL, part of every write's cost.
     """
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(running_server.endpoint)
-    try:
+    with _dealer(running_server.endpoint) as sock:
         assert _call(sock, 1, "create_cube", {"name": "notes"})["ok"]
         gc.collect()
         gc.disable()
@@ -93,9 +103,6 @@ def test_a_finished_write_leaves_no_cyclic_garbage(running_server: _Running) -> 
             gc.garbage.clear()
             gc.enable()
         assert leftovers == []
-    finally:
-        sock.close(linger=0)
-        ctx.term()
 
 
 def test_small_replies_are_sent_copying_large_ones_zero_copy() -> None:
@@ -107,17 +114,10 @@ def test_small_replies_are_sent_copying_large_ones_zero_copy() -> None:
 
 def test_replies_of_every_size_arrive_whole(running_server: _Running) -> None:
     """A reply with a large frame (zero-copy send) and small ones (copying)."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(running_server.endpoint)
-    try:
+    with _dealer(running_server.endpoint) as sock:
         assert _call(sock, 1, "create_cube", {"name": "notes"})["ok"]
         text = "t" * (200 * 1024)
         added = _call(sock, 2, "add", {"cube": "notes", "text": text})
         assert added["ok"]
         got = _call(sock, 3, "get", {"cube": "notes", "id": added["result"]["id"]})
         assert got["result"]["text"] == text
-    finally:
-        sock.close(linger=0)
-        ctx.term()
