@@ -29,6 +29,7 @@ the same checks, so what is written can always be read back.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from math import copysign, isnan
 from typing import Any, Final, NamedTuple, NoReturn
@@ -68,6 +69,7 @@ __all__ = [
     "encode_cube",
     "encode_item",
     "encode_purge",
+    "pack_raw",
     "packb",
     "unpackb",
 ]
@@ -102,13 +104,44 @@ def _reject_ext(code: int, data: bytes) -> NoReturn:
     raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
+# A packer keeps its buffer between calls; one that packed something bigger
+# than this is dropped, so a thread does not hold a huge buffer for good.
+_PACKER_KEEP_BYTES: Final = 1 << 20
+
+
+class _ThreadPacker(threading.local):
+    """One reusable ``msgpack.Packer`` per thread (a Packer is not thread-safe).
+
+    ``msgpack.packb`` builds a Packer and allocates its buffer on every call:
+    for a 300-byte item record that is ~70% of the cost (12 us against 3.5 us
+    here), and the write path packs several records per request.
+    """
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(use_bin_type=True, datetime=False)
+
+
+_THREAD_PACKER: Final = _ThreadPacker()
+
+
+def pack_raw(obj: Any) -> bytes:
+    """``msgpack.packb(obj, use_bin_type=True, datetime=False)``, byte for byte,
+    with this thread's reusable packer; msgpack's own exceptions propagate."""
+    local = _THREAD_PACKER
+    # Packer.pack empties its buffer when it raises, so a failed call leaves
+    # the packer clean for the next one (a test checks this).
+    packed: bytes = local.packer.pack(obj)
+    if len(packed) > _PACKER_KEEP_BYTES:
+        local.packer = msgpack.Packer(use_bin_type=True, datetime=False)
+    return packed
+
+
 def packb(obj: Any) -> bytes:
     """msgpack-encode ``obj`` (bin type for bytes, no datetime/ext); :class:`CodecError` if not."""
     try:
-        packed: bytes = msgpack.packb(obj, use_bin_type=True, datetime=False)
+        return pack_raw(obj)
     except Exception as exc:
         raise CodecError(f"cannot encode: {exc}", reason="unencodable") from exc
-    return packed
 
 
 def unpackb(data: _BytesLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:

@@ -36,6 +36,7 @@ from typing import Any, Final
 import msgpack
 
 from memosd.errors import BadRequest, InternalError, MemosError, TooLarge
+from memosd.memcube.codec import pack_raw
 
 __all__ = [
     "FRAME_KEY",
@@ -272,7 +273,7 @@ def encode_request(
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": rid, "op": op, "args": dict(args)}
     if token is not None:
         header["token"] = token
-    return [msgpack.packb(header, use_bin_type=True), *frames]
+    return [pack_raw(header), *frames]
 
 
 # --- responses ------------------------------------------------------------------
@@ -344,7 +345,7 @@ def item_to_wire(item: Any) -> dict[str, Any]:
 def encode_response(rid: int | None, reply: Reply) -> list[bytes]:
     """The frames of a success response."""
     header = {"v": PROTOCOL_VERSION, "id": rid, "ok": True, "result": reply.result}
-    return [msgpack.packb(header, use_bin_type=True), *reply.frames]
+    return [pack_raw(header), *reply.frames]
 
 
 def encode_error(rid: int | None, err: MemosError) -> list[bytes]:
@@ -354,14 +355,14 @@ def encode_error(rid: int | None, err: MemosError) -> list[bytes]:
         details = {k: v for k, v in details.items() if k != "id"}
         if details:
             try:
-                msgpack.packb(details, use_bin_type=True)
+                pack_raw(details)
                 wire["details"] = details
             except Exception:
                 wire.pop("details")
         else:
             wire.pop("details")
     header = {"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": wire}
-    return [msgpack.packb(header, use_bin_type=True)]
+    return [pack_raw(header)]
 
 
 def decode_response(message: Sequence[bytes]) -> tuple[int | None, bool, Any]:
@@ -396,7 +397,7 @@ def encode_event(event: Any) -> list[bytes]:
     payload = to_wire(event)
     cube = payload.get("cube") if isinstance(payload, dict) else None
     topic = cube.encode() if isinstance(cube, str) else b""
-    return [topic, msgpack.packb(payload, use_bin_type=True)]
+    return [topic, pack_raw(payload)]
 
 
 def encode_event_message(event: Mapping[str, Any]) -> bytes:
@@ -404,7 +405,7 @@ def encode_event_message(event: Mapping[str, Any]) -> bytes:
 
     It has no ``id`` and no ``ok``, so it cannot be mistaken for a response.
     """
-    data: bytes = msgpack.packb({"v": PROTOCOL_VERSION, "event": dict(event)}, use_bin_type=True)
+    data: bytes = pack_raw({"v": PROTOCOL_VERSION, "event": dict(event)})
     return data
 
 

@@ -15,8 +15,10 @@ of :meth:`start`.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +86,13 @@ class TierScheduler:
         self.default_policies = tuple(default_policies)
         self.clock = clock or runner.clock
         self.tick_s = tick_s
-        self._events: queue.SimpleQueue[ChangeEvent | None] = queue.SimpleQueue()
+        # Events wait in a deque; the thread is woken by a token on ``_wake``,
+        # at most one queued at a time: a burst of writes costs one wake-up of
+        # the policy thread, not one per event (each wake-up is a futex call
+        # and a GIL hand-off on the engine's writer thread).
+        self._events: deque[ChangeEvent] = deque()
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._wake_queued = False
         self._settings_cache: dict[str, dict[str, dict[str, Any]]] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -132,7 +140,7 @@ class TierScheduler:
 
     def close(self) -> None:
         self._closed = True
-        self._events.put(None)
+        self._wake.put(None)
         if self._thread is not None:
             self._thread.join(10)
 
@@ -140,9 +148,14 @@ class TierScheduler:
         return self._closed
 
     def _on_change(self, event: ChangeEvent) -> None:
-        # Engine writer thread: enqueue only.
+        # Engine writer thread: enqueue only.  No wake-up is lost: the thread
+        # clears ``_wake_queued`` *before* it drains the deque, so an event
+        # appended after the drain sees the flag cleared and queues a token.
         if not self._closed:
-            self._events.put(event)
+            self._events.append(event)
+            if not self._wake_queued:
+                self._wake_queued = True
+                self._wake.put(None)
 
     def _loop(self) -> None:
         import time  # noqa: PLC0415 - only the thread needs the monotonic clock
@@ -150,34 +163,33 @@ class TierScheduler:
         next_tick = 0.0
         while not self._is_closed():
             timeout = max(0.0, next_tick - time.monotonic())
-            try:
-                event = self._events.get(timeout=timeout) if timeout > 0 else None
-            except queue.Empty:
-                event = None
+            if timeout > 0:
+                with contextlib.suppress(queue.Empty):
+                    self._wake.get(timeout=timeout)
             if self._is_closed():
                 return
-            try:
-                if event is not None:
-                    self._handle(event)
-                elif time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + self.tick_s
+            self._wake_queued = False
+            while self._events:
+                try:
+                    self._handle(self._events.popleft())
+                except Exception:  # e.g. the engine refusing writes: log, keep the thread
+                    _log.exception("tier scheduler step failed")
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + self.tick_s
+                try:
                     self.tick()
-            except Exception:  # e.g. the engine refusing writes: log, keep the thread
-                _log.exception("tier scheduler step failed")
+                except Exception:
+                    _log.exception("tier scheduler step failed")
 
     # --- driving ----------------------------------------------------------------------
 
     def pump(self) -> int:
         """Handle every queued change event now (synchronously); returns how many."""
         handled = 0
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                return handled
-            if event is not None:
-                self._handle(event)
-                handled += 1
+        while self._events:
+            self._handle(self._events.popleft())
+            handled += 1
+        return handled
 
     def settle(self, *, rounds: int = 100, timeout: float = 300.0) -> None:
         """Without the background thread: feed pending events to the policies and run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 from typing import Any
@@ -31,7 +32,7 @@ from memosd.memcube import (
     packb,
     unpackb,
 )
-from memosd.memcube.codec import decode_item_keys
+from memosd.memcube.codec import decode_item_keys, pack_raw
 from memosd.memcube.model import MAX_METADATA_DEPTH, Operation
 
 # --- strategies ----------------------------------------------------------------------
@@ -459,6 +460,41 @@ def test_packb_refuses_unencodable() -> None:
         packb({"x": object()})
     with pytest.raises(CodecError):
         packb(1 << 70)
+
+
+@settings(max_examples=200)
+@given(st.recursive(LEAVES, lambda inner: st.lists(inner) | st.dictionaries(LEAVES, inner)))
+def test_reused_packer_writes_what_msgpack_packb_writes(value: Any) -> None:
+    try:
+        expected = msgpack.packb(value, use_bin_type=True, datetime=False)
+    except (TypeError, ValueError, OverflowError):
+        with pytest.raises((TypeError, ValueError, OverflowError)):
+            pack_raw(value)
+        return
+    assert pack_raw(value) == expected
+    assert pack_raw(value) == expected  # the buffer was emptied after the first call
+
+
+def test_reused_packer_is_clean_after_a_failure_and_after_a_big_record() -> None:
+    # A failure half-way through a map must leave nothing behind for the next call.
+    with pytest.raises(TypeError):
+        pack_raw({"a": "x" * 1000, "b": object()})
+    assert pack_raw({"a": 1}) == msgpack.packb({"a": 1})
+    big = b"\0" * (2 << 20)  # above the size a thread's packer is kept for
+    assert pack_raw(big) == msgpack.packb(big, use_bin_type=True)
+    assert pack_raw([1, "two"]) == msgpack.packb([1, "two"], use_bin_type=True)
+
+
+def test_each_thread_packs_with_its_own_packer() -> None:
+    values = [{"i": i, "text": "t" * (i % 97)} for i in range(2000)]
+    expected = [msgpack.packb(v, use_bin_type=True) for v in values]
+
+    def pack_all(_: int) -> list[bytes]:
+        return [pack_raw(v) for v in values]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(pack_all, range(8)))
+    assert all(result == expected for result in results)
 
 
 @pytest.mark.parametrize(

@@ -147,3 +147,61 @@ def test_plaintext_tiers_run_by_themselves_in_the_background(tmp_path: Path) -> 
         finally:
             scheduler.close()
             runner.close()
+
+
+class CountingPolicy(TaggingPolicy):
+    """Counts the item events it sees (no jobs)."""
+
+    name = "counter"
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.expected = expected
+        self.seen: list[str] = []
+        self._lock = threading.Lock()
+
+    def on_write(
+        self, event: ChangeEvent, settings: Mapping[str, Any], ctx: PolicyContext
+    ) -> list[JobRequest]:
+        if event.kind == "item_written" and event.item_id is not None:
+            with self._lock:
+                self.seen.append(event.item_id)
+                if len(self.seen) >= self.expected:
+                    self.done.set()
+        return []
+
+    def handlers(self) -> Mapping[str, JobHandler]:
+        return {}
+
+
+def test_every_event_of_concurrent_bursts_reaches_the_policy_thread(tmp_path: Path) -> None:
+    # The policy thread is woken once per burst, not once per event; no event
+    # may be left behind in the queue when a burst ends while it drains.
+    writers, per_writer = 8, 150
+    with Engine.open(tmp_path / "data") as engine:
+        counter = CountingPolicy(writers * per_writer)
+        registry = PolicyRegistry([counter])
+        runner = JobRunner(engine, registry.handlers(), poll_s=0.05)
+        scheduler = TierScheduler(engine, registry, runner, default_policies=("counter",))
+        engine.create_cube("c", owner="uid:0")
+        scheduler.start()
+        written: list[str] = []
+        lock = threading.Lock()
+
+        def write(n: int) -> None:
+            for i in range(per_writer):
+                item = engine.add("c", f"writer {n} item {i}")
+                with lock:
+                    written.append(item.id)
+
+        try:
+            threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert counter.done.wait(30), f"{len(counter.seen)} of {len(written)} events seen"
+            assert sorted(counter.seen) == sorted(written)
+        finally:
+            scheduler.close()
+            runner.close()
