@@ -19,8 +19,9 @@ writer thread) hands events to the loop the same way.
 
 Change feed: ``subscribe`` on the request socket registers the connection
 with :class:`~memosd.feed.Feed`, which pushes each event the principal may
-read (docs/protocol.md, "Change feed").  The PUB socket (``events.sock``,
-mode 0600) is only the operator's unfiltered firehose.
+read (docs/protocol.md, "Change feed").  The events socket (``events.sock``,
+mode 0600) is only the operator's unfiltered firehose: an XPUB, so the daemon
+knows which topics have subscribers and encodes nothing while none does.
 
 Edge behaviour (docs/protocol.md, "Limits"):
 
@@ -125,6 +126,11 @@ class Server:
         self._bound: list[Path] = []
         self._events: collections.deque[Any] = collections.deque()
         self._events_scheduled = False
+        # Topics (cube-name prefixes) someone subscribed to on the events
+        # socket, from the XPUB's subscription messages: with none, an event
+        # is neither encoded nor sent there (the common case).
+        self._pub_topics: set[bytes] = set()
+        self._pub_fd: int | None = None
         self._idle = anyio.Event()
         self._idle.set()
         self._accepting = True
@@ -164,7 +170,10 @@ class Server:
         self._bound.append(self.socket_path)
         os.chmod(self.socket_path, SOCKET_FILE_MODE)
 
-        pub: zmq.Socket[bytes] = ctx.socket(zmq.PUB)
+        # XPUB, not PUB: the same for subscribers, but it tells the daemon which
+        # topics have subscribers (first subscription / last unsubscription of
+        # each, also when a subscriber disconnects).
+        pub: zmq.Socket[bytes] = ctx.socket(zmq.XPUB)
         self._pub = pub
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, s.sndhwm)
@@ -182,6 +191,8 @@ class Server:
             os.umask(old_umask)
         self._bound.append(self.events_path)
         os.chmod(self.events_path, ADMIN_SOCKET_FILE_MODE)
+        self._pub_fd = int(pub.getsockopt(zmq.FD))
+        self._loop.add_reader(self._pub_fd, self._read_subscriptions)
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind (unless :meth:`bind` was called), receive until :meth:`stop_accepting`."""
@@ -226,6 +237,10 @@ class Server:
         return self._inflight
 
     def close(self) -> None:
+        if self._pub_fd is not None and self._loop is not None:
+            with contextlib.suppress(Exception):  # the loop may be closed already
+                self._loop.remove_reader(self._pub_fd)
+            self._pub_fd = None
         if self._router is not None:
             self._router.close(linger=0)
             self._router = None
@@ -530,9 +545,39 @@ class Server:
         self._events_scheduled = False  # first: a later append schedules a new drain
         while self._events:
             self._publish(self._events.popleft())
+        if self._pub_topics:
+            # Sending may have consumed the XPUB's edge-triggered ZMQ_FD.
+            self._read_subscriptions()
         # Always: an event sent on the ROUTER (e.g. the subscription_ended that
         # also removed the last subscriber) may have consumed the input edge.
         self._check_input()
+
+    def _read_subscriptions(self) -> None:
+        """Take the XPUB's (un)subscription messages: ``\x01`` or ``\x00`` + topic.
+
+        A plain XPUB reports a topic's first subscription and its last
+        unsubscription (libzmq counts the rest), so a set of topics is enough.
+        Anything else a peer sends there is ignored.
+        """
+        pub = self._pub
+        if pub is None:
+            return
+        while True:
+            try:
+                message = pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return  # closing
+            if message[:1] == b"\x01":
+                self._pub_topics.add(message[1:])
+            elif message[:1] == b"\x00":
+                self._pub_topics.discard(message[1:])
+
+    def _pub_wanted(self, topic: bytes) -> bool:
+        """Whether a subscription (a topic prefix) matches ``topic``."""
+        topics = self._pub_topics
+        return b"" in topics or topic in topics or any(topic.startswith(t) for t in topics)
 
     def _publish(self, event: Any) -> None:
         self.service.on_change(getattr(event, "kind", ""))
@@ -541,10 +586,13 @@ class Server:
         except Exception:
             _log.exception("change feed delivery failed")
         pub = self._pub
-        if pub is None:
+        if pub is None or not self._pub_topics:
             return
         try:
-            pub.send_multipart(encode_event(event), flags=zmq.DONTWAIT)
+            frames = encode_event(event)
+            if not self._pub_wanted(frames[0]):
+                return
+            pub.send_multipart(frames, flags=zmq.DONTWAIT)
         except zmq.ZMQError as exc:
             _log.debug("event dropped", error=str(exc))
         except MemosError:

@@ -7,6 +7,7 @@ an in-process server shows: which objects a request leaves behind.
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,3 +122,47 @@ def test_replies_of_every_size_arrive_whole(running_server: _Running) -> None:
         assert added["ok"]
         got = _call(sock, 3, "get", {"cube": "notes", "id": added["result"]["id"]})
         assert got["result"]["text"] == text
+
+
+def _wait_for(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_events_socket_sends_only_what_someone_subscribed_to(
+    running_server: _Running, tmp_path: Path
+) -> None:
+    server = running_server.server
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    try:
+        with _dealer(running_server.endpoint) as sock:
+            assert _call(sock, 1, "create_cube", {"name": "notes"})["ok"]
+            assert _call(sock, 2, "create_cube", {"name": "other"})["ok"]
+            assert server._pub_topics == set()  # nobody listens: nothing is encoded
+            sub.connect(f"ipc://{tmp_path / 'events.sock'}")
+            sub.setsockopt(zmq.SUBSCRIBE, b"not")  # a prefix of "notes"
+            assert _wait_for(lambda: server._pub_topics == {b"not"})
+            added = _call(sock, 3, "add", {"cube": "notes", "text": "seen"})["result"]
+            assert _call(sock, 4, "add", {"cube": "other", "text": "filtered out"})["ok"]
+            assert sub.poll(10_000)
+            topic, payload = sub.recv_multipart()
+            event = msgpack.unpackb(payload)
+            assert (topic, event["kind"]) == (b"notes", "item_written")
+            assert event["item_id"] == added["id"]
+            assert not sub.poll(200)  # the "other" event matched no subscription
+            sub.setsockopt(zmq.UNSUBSCRIBE, b"not")
+            assert _wait_for(lambda: server._pub_topics == set())
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            assert _wait_for(lambda: server._pub_topics == {b""})
+            sub.close(linger=0)  # a subscriber that vanishes unsubscribes too
+            assert _wait_for(lambda: server._pub_topics == set())
+            assert _call(sock, 5, "add", {"cube": "notes", "text": "unsent"})["ok"]
+    finally:
+        sub.close(linger=0)
+        ctx.term()
