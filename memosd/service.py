@@ -49,11 +49,17 @@ from memosd.auth import (
     resolve_identity,
     validate_principal,
 )
-from memosd.errors import BadRequest, InternalError, NotFound, Unavailable
-from memosd.memcube.model import CubeConfig, validate_cube_config, validate_cube_name
+from memosd.errors import BadRequest, InternalError, NotFound, TooLarge, Unavailable
+from memosd.memcube.model import (
+    CubeConfig,
+    MemoryItem,
+    validate_cube_config,
+    validate_cube_name,
+)
 from memosd.plugins.runtime import check_forms, plugins_result, validate_add, validate_update
 from memosd.portable import FormBlobs, check_blobs, dump_cube, export_blobs, read_portable
 from memosd.protocol import FRAME_KEY, PROTOCOL_VERSION, Reply, Request, item_to_wire, to_wire
+from memosd.store.planner import Planner
 
 __all__ = ["OPS", "Args", "Service", "lexical_scan_search"]
 
@@ -751,6 +757,8 @@ def _token_revoke(svc: Service, call: Call) -> Write:
 
 # --- ops: items -----------------------------------------------------------------
 
+MAX_ADD_MANY: Final = 1000  # items in one add_many request (one WAL record)
+
 _ITEM_FIELDS: Final = (
     "tags",
     "metadata",
@@ -777,27 +785,78 @@ def _item_fields(a: Args, names: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def _new_item_args(a: Args) -> tuple[str, str | None, dict[str, Any]]:
+    """Text, form and keyword fields of one new item (``add``, an ``add_many`` entry)."""
+    text = a.req_str("text")
+    fields = _item_fields(a, _ITEM_FIELDS)
+    fields["source"] = a.opt_str("source")
+    fields["session"] = a.opt_str("session")
+    form = a.opt_str("form")
+    a.done()
+    return text, form, fields
+
+
+def _checked_new_item(
+    svc: Service, text: str, form: str | None, fields: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """After the access check: the item's form checks (and may rewrite) text and payload."""
+    if svc.plugins is not None:
+        text = validate_add(svc.plugins, form, text, fields)
+    if form is not None:
+        fields["form"] = form
+    return text, fields
+
+
 @op("add", write=True)
 def _add(svc: Service, call: Call) -> Write:
     a = call.args
     cube = a.req_str("cube")
-    text = a.req_str("text")
-    source = a.opt_str("source")
-    session = a.opt_str("session")
-    form = a.opt_str("form")
-    fields = _item_fields(a, _ITEM_FIELDS)
-    a.done()
+    text, form, fields = _new_item_args(a)
     svc.require(call.identity, cube, "write")
     svc.require_writable()
-    if svc.plugins is not None:  # the item's form checks (and may rewrite) text and payload
-        text = validate_add(svc.plugins, form, text, fields)
-    if form is not None:
-        fields["form"] = form
+    text, fields = _checked_new_item(svc, text, form, fields)
     actor = call.identity.principal
-    return Write(
-        lambda p: p.add(cube, text, actor=actor, source=source, session=session, **fields),
-        item_to_wire,
-    )
+    return Write(lambda p: p.add(cube, text, actor=actor, **fields), item_to_wire)
+
+
+@op("add_many", write=True)
+def _add_many(svc: Service, call: Call) -> Write:
+    """Up to ``MAX_ADD_MANY`` new items in one atomic, durable step (one WAL record)."""
+    a = call.args
+    cube = a.req_str("cube")
+    entries = a.raw("items")
+    a.done()
+    if type(entries) is not list or not entries:
+        raise BadRequest(
+            "add_many: argument 'items' must be a non-empty list of maps",
+            reason="bad_arg" if entries is not _NOT_GIVEN else "missing_arg",
+            field="items",
+        )
+    if len(entries) > MAX_ADD_MANY:
+        raise TooLarge(
+            f"add_many: {len(entries)} items in one request; at most {MAX_ADD_MANY}",
+            reason="too_many_items",
+            limit=MAX_ADD_MANY,
+        )
+    raw = []
+    for i, entry in enumerate(entries):
+        if type(entry) is not dict:
+            raise BadRequest(
+                f"add_many: items[{i}] must be a map, got {type(entry).__name__}",
+                reason="bad_arg",
+                field="items",
+                index=i,
+            )
+        raw.append(_new_item_args(Args(f"add_many items[{i}]", entry)))
+    svc.require(call.identity, cube, "write")
+    svc.require_writable()
+    parsed = [_checked_new_item(svc, text, form, fields) for text, form, fields in raw]
+    actor = call.identity.principal
+
+    def plan(p: Planner) -> list[MemoryItem]:
+        return [p.add(cube, text, actor=actor, **fields) for text, fields in parsed]
+
+    return Write(plan, lambda items: [item_to_wire(item) for item in items])
 
 
 @op("get", inline=True)

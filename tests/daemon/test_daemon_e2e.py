@@ -17,7 +17,7 @@ import pytest
 
 from memosd.client import AsyncClient, Client
 from memosd.daemon import EXIT_CONFIG, EXIT_LOCKED
-from memosd.errors import BadRequest, Conflict, NotFound, Unavailable
+from memosd.errors import BadRequest, Conflict, NotFound, TooLarge, Unavailable
 from memosd.testing import DaemonHandle
 
 
@@ -59,6 +59,50 @@ def test_crud_versions_and_as_of(memosd_daemon: DaemonHandle) -> None:
         assert record.versions == 4
         with pytest.raises(NotFound):
             c.get("notes", first.id, version=1)
+
+
+def test_add_many_writes_all_in_order_or_nothing(memosd_daemon: DaemonHandle) -> None:
+    with memosd_daemon.client() as c:
+        c.create_cube("bulk")
+        items = c.add_many(
+            "bulk",
+            [
+                "plain text",
+                {"text": "with fields", "tags": ("a", "b"), "session": "s1", "metadata": {"k": 1}},
+                {"text": "third", "importance": 0.9, "source": "import"},
+            ],
+        )
+        assert [i.text for i in items] == ["plain text", "with fields", "third"]
+        assert all(i.version == 1 and i.cube == "bulk" for i in items)
+        assert items[1].tags == ("a", "b")
+        assert items[1].metadata == {"k": 1}
+        assert items[1].provenance.session == "s1"
+        assert (items[2].importance, items[2].provenance.source) == (0.9, "import")
+        assert len({i.id for i in items}) == 3
+        for item in items:
+            assert c.get("bulk", item.id) == item
+        # One invalid entry (found by the engine, after the request was accepted):
+        # nothing of the batch is written.
+        with pytest.raises(BadRequest):
+            c.add_many("bulk", ["would be fine", {"text": "bad", "importance": 2.0}])
+        # Entry errors found at the edge name the entry.
+        with pytest.raises(BadRequest, match=r"items\[1\]"):
+            c.add_many("bulk", ["fine", {"text": 5}])
+        with pytest.raises(BadRequest, match="unknown arguments"):
+            c.add_many("bulk", [{"text": "x", "colour": "red"}])
+        with pytest.raises(BadRequest):
+            c.add_many("bulk", [])
+        assert len(c.list_items("bulk")) == 3
+        with pytest.raises(TooLarge):
+            c.add_many("bulk", ["x"] * 1001)
+        # The async client has the same method.
+
+        async def main() -> list[str]:
+            async with AsyncClient(memosd_daemon.socket) as ac:
+                return [i.text for i in await ac.add_many("bulk", ["async one", "async two"])]
+
+        assert anyio.run(main) == ["async one", "async two"]
+        assert len(c.list_items("bulk")) == 5
 
 
 def test_search_list_and_cubes(memosd_daemon: DaemonHandle) -> None:
