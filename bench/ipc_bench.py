@@ -14,7 +14,9 @@ Measured:
    (pre-encoded request), through ``memosd.client.Client.get`` (adds client
    encode/decode), and of the two echoes.
 2. Throughput with 16 client processes each pipelining ``--window`` requests:
-   ``get``, ``add`` (durable: WAL fsync, group commit; no embedding), echo;
+   ``get``, ``add`` (durable: WAL fsync, group commit; no embedding),
+   ``add_many`` of 100 items per request (one in flight per client; reported
+   in items/s), echo;
    for memosd also the daemon's CPU time per request (all its threads, from
    ``/proc/PID/stat``): on a shared machine it is steadier than the rate.
 
@@ -67,6 +69,9 @@ async def main():
         await s.send_multipart([frames[0], payload])
 anyio.run(main, backend="asyncio")
 """
+
+
+ADD_MANY_BATCH = 100  # items per add_many request in the bulk row
 
 
 def start_echo(code: str, endpoint: str, size: int) -> subprocess.Popen[str]:
@@ -208,6 +213,11 @@ def main() -> None:
         endpoint = f"ipc://{daemon.socket}"
         get_req = encode_request(1, "get", {"cube": "bench", "id": item.id})
         add_req = encode_request(2, "add", {"cube": "bench", "text": "a" * args.text_bytes})
+        many_req = encode_request(
+            3,
+            "add_many",
+            {"cube": "bench", "items": [{"text": "a" * args.text_bytes}] * ADD_MANY_BATCH},
+        )
         # The size of a get reply, so the echo moves the same bytes.
         probe = zmq.Context()
         ps = probe.socket(zmq.DEALER)
@@ -250,12 +260,19 @@ def main() -> None:
             ("bare echo, zmq.asyncio+anyio", echo_async, echo_req),
             ("memosd get", endpoint, get_req),
             ("memosd add (durable)", endpoint, add_req),
+            (f"memosd add_many x{ADD_MANY_BATCH}, items", endpoint, many_req),
         ]:
             check = ep == endpoint
+            # One bulk request in flight per client: 16 x 16 x 100 items in
+            # flight would make each commit batch seconds long, longer than
+            # the timed window.
+            window = 1 if "add_many" in name else args.window
             cpu_before = process_cpu_s(daemon.proc.pid)
-            rate = throughput(ep, req, args.clients, args.seconds, args.window, check)
+            rate = throughput(ep, req, args.clients, args.seconds, window, check)
             # All threads of the daemon (loop, commit thread, ZeroMQ I/O), per
             # request counted in the timed window (warm-up and drain add ~2%).
+            if "add_many" in name:
+                rate *= ADD_MANY_BATCH  # items/s; the CPU column is per item too
             cpu = (process_cpu_s(daemon.proc.pid) - cpu_before) / (rate * args.seconds) * 1e6
             print(f"{name:32} {rate:10.0f} {cpu if check else float('nan'):18.1f}")
         with daemon.client() as c:  # what the tier scheduler did with those adds
