@@ -226,6 +226,12 @@ class Args:
         """The value as sent (the engine validates it), or ``_NOT_GIVEN``."""
         return self._get(name, False)
 
+    def present(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The values of those ``names`` that were sent, as sent (optional fields)."""
+        raw = self._raw
+        self._seen.update(names)
+        return {name: raw[name] for name in names if name in raw}
+
     def done(self) -> None:
         if self._raw.keys() <= self._seen:
             return
@@ -771,13 +777,9 @@ _ITEM_FIELDS: Final = (
 )
 
 
-def _item_fields(a: Args, names: Iterable[str]) -> dict[str, Any]:
+def _item_fields(a: Args, names: tuple[str, ...]) -> dict[str, Any]:
     """The optional item fields present in ``args`` (the engine validates values)."""
-    out: dict[str, Any] = {}
-    for name in names:
-        value = a.raw(name)
-        if value is not _NOT_GIVEN:
-            out[name] = value
+    out = a.present(names)
     if "tags" in out and type(out["tags"]) is not list:
         raise BadRequest(
             "argument 'tags' must be a list of strings", reason="bad_arg", field="tags"
