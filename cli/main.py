@@ -361,6 +361,29 @@ def _read_text(text: str) -> str:
     return text
 
 
+def read_entries(lines: Iterator[str] | list[str], *, jsonl: bool) -> list[Any]:
+    """``add-many`` input: one item per non-blank line (its text, or with ``jsonl``
+    a JSON string or object of ``add``'s fields); BadRequest names the bad line."""
+    entries: list[Any] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            entries.append(line.rstrip("\r\n"))
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"line {number}: not JSON: {exc.msg}", reason="bad_arg") from None
+        if not isinstance(entry, str | dict):
+            raise BadRequest(
+                f"line {number}: expected a JSON string or object, got {type(entry).__name__}",
+                reason="bad_arg",
+            )
+        entries.append(entry)
+    return entries
+
+
 def _field(obj: Any, name: str, default: Any = None) -> Any:
     if isinstance(obj, dict):
         return obj.get(name, default)
@@ -814,6 +837,52 @@ def add(
         )
         if not s.emit(item):
             s.line(str(_field(item, "id")))
+
+
+@app.command("add-many")
+def add_many(
+    ctx: typer.Context,
+    cube: str,
+    file: Annotated[str, typer.Argument(help="One item per line ('-' reads stdin).")],
+    jsonl: Annotated[
+        bool,
+        typer.Option(
+            "--jsonl",
+            help="Each line is JSON: a string, or an object of add's fields "
+            "(text, tags, source, session, metadata, tier, form, payload, ...).",
+        ),
+    ] = False,
+    batch: Annotated[
+        int,
+        typer.Option(
+            "--batch", min=1, max=1000, help="Items per request (each is one atomic step)."
+        ),
+    ] = 500,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Add many items in atomic batches (one WAL record each); prints their ids."""
+    with _session(ctx, json_out, socket, token) as s:
+        try:
+            if file == "-":
+                entries = read_entries(list(sys.stdin), jsonl=jsonl)
+            else:
+                with open(file, encoding="utf-8") as fh:
+                    entries = read_entries(fh, jsonl=jsonl)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"cannot read {file}: {exc}", reason="bad_arg") from None
+        items: list[Any] = []
+        for start in range(0, len(entries), batch):
+            try:
+                items += s.client.add_many(cube, entries[start : start + batch])
+            except MemosError:
+                if items:  # earlier batches are durable: say so before the error
+                    s.err.write(f"memctl: {len(items)} items were added before the error\n")
+                raise
+        if not s.emit(items):
+            for item in items:
+                s.line(str(_field(item, "id")))
 
 
 @app.command()

@@ -263,6 +263,36 @@ def test_text_from_stdin(daemon: DaemonHandle) -> None:
     assert json.loads(result.stdout)["text"] == "from\nstdin"
 
 
+def test_add_many_from_lines_and_json_lines(daemon: DaemonHandle, tmp_path: Path) -> None:
+    s = daemon.socket
+    memctl("cube", "create", "bulk", socket=s)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("first line\n\nsecond line\nthird line\n")
+    ids = memctl("add-many", "bulk", str(plain), "--batch", "2", socket=s).stdout.split()
+    assert len(ids) == 3
+    texts = [as_json(memctl("get", "bulk", i, "--json", socket=s))["text"] for i in ids]
+    assert texts == ["first line", "second line", "third line"]
+    lines = '"just text"\n{"text": "tagged", "tags": ["t"], "metadata": {"n": 2}}\n'
+    result = runner.invoke(
+        app,
+        ["add-many", "bulk", "-", "--jsonl", "--json"],
+        input=lines,
+        env={"MEMOSD_SOCKET": str(s)},
+    )
+    items = json.loads(result.stdout)
+    assert [(i["text"], i["tags"], i["metadata"]) for i in items] == [
+        ("just text", [], {}),
+        ("tagged", ["t"], {"n": 2}),
+    ]
+    # A bad line is a usage error before anything is sent.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"fine"\n[1, 2]\n')
+    result = memctl("add-many", "bulk", str(bad), "--jsonl", socket=s)
+    assert result.exit_code == exitcodes.EXIT_USAGE
+    assert "line 2" in result.stderr
+    assert as_json(memctl("cube", "show", "bulk", "--json", socket=s))["counts"]["active"] == 5
+
+
 def test_cubes_export_import_and_grants(daemon: DaemonHandle, tmp_path: Path) -> None:
     s = daemon.socket
     memctl("cube", "create", "diary", socket=s)
