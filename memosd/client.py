@@ -74,7 +74,6 @@ __all__ = [
 
 T = TypeVar("T")
 Item = MemoryItem
-_ITEM_FIELDS: Final = frozenset(MemoryItem.__dataclass_fields__)
 _CUBE_FIELDS: Final = ("name", "owner", "config", "schema_version", "created_us")
 
 
@@ -129,30 +128,82 @@ def _bad(what: str) -> BadRequest:
     return BadRequest(f"unexpected response shape for {what}", reason="bad_response")
 
 
+#: MemoryItem's fields in declaration order (item_from_wire fills them in this order).
+_ITEM_ORDER: Final = (
+    "id",
+    "cube",
+    "version",
+    "form",
+    "tier",
+    "status",
+    "text",
+    "metadata",
+    "payload",
+    "created_us",
+    "recorded_us",
+    "valid_from_us",
+    "valid_to_us",
+    "provenance",
+    "usage",
+    "tags",
+    "importance",
+    "ttl_s",
+)
+if tuple(MemoryItem.__dataclass_fields__) != _ITEM_ORDER:  # pragma: no cover - a model change
+    raise ImportError("memosd.client: MemoryItem's fields changed; update _ITEM_ORDER")
+# The slots' own setters: a frozen dataclass's __init__ goes through
+# object.__setattr__ once per field, which makes building an item cost more
+# than unpacking it (a search decodes k of them).
+_ITEM_SETTERS: Final = tuple(MemoryItem.__dict__[name].__set__ for name in _ITEM_ORDER)
+_NEW: Final = object.__new__
+_NO_USAGE: Final[dict[str, Any]] = {}
+
+
 def item_from_wire(wire: Any) -> Item:
-    """Rebuild a MemoryItem from its wire map (unknown keys from newer daemons ignored)."""
+    """Rebuild a MemoryItem from its wire map (unknown keys from newer daemons ignored).
+
+    The same item as ``MemoryItem(**fields)``, built without the frozen
+    dataclass's ``__init__`` (the fields are filled through their slots).
+    """
     if type(wire) is not dict:
         raise _bad("item")
     try:
-        values = {k: v for k, v in wire.items() if k in _ITEM_FIELDS}
-        prov = values["provenance"]
-        values["provenance"] = Provenance(
-            source=prov.get("source"),
-            actor=prov.get("actor"),
-            session=prov.get("session"),
-            parents=tuple((str(p[0]), int(p[1])) for p in prov.get("parents", ())),
-            operation=prov.get("operation", ""),
+        prov = wire["provenance"]
+        parents = prov.get("parents")
+        usage = wire.get("usage") or _NO_USAGE
+        tags = wire.get("tags")
+        values = (
+            wire["id"],
+            wire["cube"],
+            wire["version"],
+            wire["form"],
+            wire["tier"],
+            wire["status"],
+            wire["text"],
+            wire["metadata"],
+            wire["payload"],
+            wire["created_us"],
+            wire["recorded_us"],
+            wire["valid_from_us"],
+            wire["valid_to_us"],
+            Provenance(
+                prov.get("source"),
+                prov.get("actor"),
+                prov.get("session"),
+                tuple((str(p[0]), int(p[1])) for p in parents) if parents else (),
+                prov.get("operation", ""),
+            ),
+            Usage(usage.get("hits", 0), usage.get("last_hit_us"), usage.get("heat", 0.0)),
+            tuple(tags) if tags else (),
+            wire["importance"],
+            wire["ttl_s"],
         )
-        usage = values.get("usage") or {}
-        values["usage"] = Usage(
-            hits=usage.get("hits", 0),
-            last_hit_us=usage.get("last_hit_us"),
-            heat=usage.get("heat", 0.0),
-        )
-        values["tags"] = tuple(values.get("tags", ()))
-        return MemoryItem(**values)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         raise _bad("item") from None
+    item: Item = _NEW(MemoryItem)
+    for set_field, value in zip(_ITEM_SETTERS, values, strict=True):
+        set_field(item, value)
+    return item
 
 
 def _cube_from_wire(wire: Any) -> CubeInfo:

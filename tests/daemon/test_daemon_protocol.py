@@ -176,3 +176,49 @@ def test_item_to_wire_matches_the_generic_form() -> None:
         ttl_s=None,
     )
     assert item_to_wire(item) == to_wire(item)
+
+
+def test_the_client_rebuilds_items_exactly() -> None:
+    """item_from_wire fills the slots directly: the same item as the constructor's."""
+    from dataclasses import replace
+
+    from memosd.client import item_from_wire
+    from memosd.memcube.model import MemoryItem, Provenance, Usage
+
+    item = MemoryItem(
+        id="01M80PSCB9NQEF9VE49P0A27P0",
+        cube="c",
+        version=2,
+        form="plaintext",
+        tier="mid",
+        status="active",
+        text="t",
+        metadata={"a": [1]},
+        payload={"p": 1},
+        created_us=1,
+        recorded_us=2,
+        valid_from_us=None,
+        valid_to_us=5,
+        provenance=Provenance("src", "uid:1", "s", (("01M80PSCB9NQEF9VE49P0A27P0", 1),), "update"),
+        usage=Usage(3, 4, 0.5),
+        tags=("x", "y"),
+        importance=0.25,
+        ttl_s=60,
+    )
+    wire = msgpack.unpackb(msgpack.packb(item_to_wire(item)))
+    back = item_from_wire({**wire, "from_a_newer_daemon": 1})
+    assert back == item
+    assert repr(back) == repr(item)
+    assert replace(back, text="u").text == "u"
+    with pytest.raises(AttributeError):
+        back.text = "mutated"  # type: ignore[misc]
+    # Optional parts default as before: no usage, no tags, no parents.
+    bare = {k: v for k, v in wire.items() if k not in ("usage", "tags")}
+    bare["provenance"] = {"actor": "uid:1"}
+    plain = item_from_wire(bare)
+    assert plain.usage == Usage()
+    assert plain.tags == ()
+    assert plain.provenance == Provenance(None, "uid:1", None, (), "")
+    for broken in ({**wire, "provenance": None}, {k: v for k, v in wire.items() if k != "id"}, []):
+        with pytest.raises(BadRequest):
+            item_from_wire(broken)
