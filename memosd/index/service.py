@@ -109,7 +109,7 @@ class SearchService:
         self.embedder: Embedder = embedder
         self.root = Path(data_dir) / "index"
         self.queries = QueryCache(embedder, self.settings.query_cache_size)
-        # Moving average of a live search's time (s, query embedding excluded)
+        # Moving average of a live search's CPU time (s, query embedding excluded)
         # per _cost_key: whether try_search_inline may run one on the event loop.
         self._costs: dict[tuple[Any, ...], float] = {}
         self.inline_searches = 0  # searches answered by try_search_inline
@@ -201,11 +201,11 @@ class SearchService:
         most ``settings.inline_search_us``; None otherwise (call :meth:`search`
         from a worker thread then).  For the daemon's event loop.
 
-        Estimated from the measured time of earlier searches with the same
-        cubes, mode, k, filter kind and boosts (a moving average; the first
-        such search is never inline), plus the query embedding unless the
-        query vector is cached (the embedder's measured cost: MiniLM's
-        milliseconds never run inline).  None as well when the index is not
+        Estimated from the measured CPU time of earlier searches with the
+        same cubes, mode, k, filter kind and boosts (a moving average; the
+        first such search is never inline), plus the query embedding unless
+        the query vector is cached (the embedder's measured wall time:
+        MiniLM's milliseconds never run inline).  None as well when the index is not
         ready, the principal's writes are not indexed yet (``wait_for_lsn``:
         the search would wait), the filters need the history scan, or an index
         lock is held (by the indexer).  The same hits and errors as
@@ -310,7 +310,7 @@ class SearchService:
         )
 
     def _note_cost(self, key: tuple[Any, ...], seconds: float) -> None:
-        """Fold one live search's time (without the query embedding) into its estimate."""
+        """Fold one live search's CPU time (without the query embedding) into its estimate."""
         costs = self._costs
         old = costs.get(key)
         if old is None and len(costs) >= _COSTS_MAX:
@@ -355,7 +355,9 @@ class SearchService:
                 vector = self.queries.try_embed_query(query, embed_budget_s)
                 if vector is None:
                     raise WouldBlock("query embedding")
-        started = time.perf_counter()
+        # CPU time of this thread: what the search costs whichever thread runs it
+        # (wall time would also count waits for the GIL and for a busy CPU).
+        started = time.thread_time()
         terms = tokenize(query) if mode != "dense" else []
         n = (
             k
@@ -376,7 +378,7 @@ class SearchService:
             )
             if len(hits) >= k or found.exhausted:
                 key = self._cost_key(names, k, filters, boosts, mode)
-                self._note_cost(key, time.perf_counter() - started)
+                self._note_cost(key, time.thread_time() - started)
                 return hits
             n *= 4
 

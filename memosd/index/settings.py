@@ -63,14 +63,16 @@ class IndexSettings:
       (50_000) items an ``as_of``/non-active-status search may scan per cube.
 
     Daemon:
-      ``inline_search_us`` (1000) a search estimated to take at most this
-      long (the measured moving average of earlier searches with the same
-      cubes, mode, k and filter kind, plus the query embedding unless it is
-      cached) runs on the daemon's event loop instead of a worker thread,
-      saving the thread hops (~0.3-0.5 ms on a busy 2-core VM); it never
-      waits there (a held index lock, a ``wait_for_lsn`` not reached yet or a
-      history filter send it to a thread).  Bounds how long one search may
-      hold up other requests; 0 runs every search in a thread.
+      ``inline_search_us`` (2000) a search estimated to take at most this
+      long (the moving average of the CPU time of earlier searches with the
+      same cubes, mode, k and filter kind, plus the query embedding unless it
+      is cached) runs on the daemon's event loop instead of a worker thread,
+      saving the two thread hand-offs (~0.3-0.5 ms on a busy 2-core VM); it
+      never waits there (a held index lock, a ``wait_for_lsn`` not reached
+      yet or a history filter send it to a thread).  Bounds how long one
+      search may hold up other requests: a flat cube of ~5k 384-d vectors
+      (~1 ms on the loaded VM) or an HNSW cube fits, a flat one of 20k does
+      not; 0 runs every search in a thread.
     """
 
     hnsw_threshold: int = 20_000
@@ -97,7 +99,7 @@ class IndexSettings:
     max_k: int = 1000
     query_cache_size: int = 1024
     history_scan_limit: int = 50_000
-    inline_search_us: int = 1000
+    inline_search_us: int = 2000
 
     def __post_init__(self) -> None:
         positive = ("hnsw_threshold", "hnsw_m", "ef_construction", "ef_search", "batch_size")
