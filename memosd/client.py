@@ -249,17 +249,81 @@ def _items(wire: Any) -> list[Item]:
     return [item_from_wire(w) for w in wire]
 
 
+_HIT_ITEM: Final = Hit.__dict__["item"]  # the slot (member descriptor) behind Hit.item
+_HIT_SET_SCORE: Final = Hit.__dict__["score"].__set__
+_HIT_SET_COMPONENTS: Final = Hit.__dict__["components"].__set__
+
+
+class _LazyHit(Hit):
+    """A :class:`Hit` whose item is built from its wire map on first access.
+
+    A search decodes k items; building each costs more than unpacking it,
+    and a caller often reads a few hits or only the scores.  Otherwise a
+    plain Hit: equal to one with the same item, same repr and fields (they
+    read ``item``, which builds it), frozen, picklable.  A malformed item map
+    raises BadRequest when ``item`` is first read.
+    """
+
+    __slots__ = ("_wire",)
+
+    @property  # stands for the frozen dataclass field
+    def item(self) -> Item:
+        try:
+            item: Item = _HIT_ITEM.__get__(self, Hit)
+        except AttributeError:  # not built yet
+            item = item_from_wire(_LAZY_WIRE.__get__(self, _LazyHit))
+            _HIT_ITEM.__set__(self, item)
+            _LAZY_WIRE.__delete__(self)
+        return item
+
+    @item.setter
+    def item(self, value: Item) -> None:  # __init__ (dataclasses.replace); users get Frozen...
+        _HIT_ITEM.__set__(self, value)
+
+    def _plain(self) -> Hit:
+        return Hit(self.item, self.score, self.components)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Hit):
+            return (self.item, self.score, self.components) == (
+                other.item,
+                other.score,
+                other.components,
+            )
+        return NotImplemented
+
+    __hash__ = Hit.__hash__
+
+    def __repr__(self) -> str:
+        return repr(self._plain())
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle and copy as a plain Hit
+        return (Hit, (self.item, self.score, self.components))
+
+
+_LAZY_WIRE: Final = _LazyHit.__dict__["_wire"]
+_NEW_HIT: Final = object.__new__
+
+
 def _hits(wire: Any) -> list[Hit]:
     if type(wire) is not list:
         raise _bad("search")
-    return [
-        Hit(
-            item_from_wire(h["item"]),
-            float(h["score"]),
-            {str(k): float(v) for k, v in (h.get("components") or {}).items()},
-        )
-        for h in wire
-    ]
+    hits: list[Hit] = []
+    try:
+        for h in wire:
+            item = h["item"]
+            if type(item) is not dict:
+                raise _bad("item")
+            hit: Hit = _NEW_HIT(_LazyHit)
+            _LAZY_WIRE.__set__(hit, item)
+            _HIT_SET_SCORE(hit, float(h["score"]))
+            _HIT_SET_COMPONENTS(
+                hit, {str(k): float(v) for k, v in (h.get("components") or {}).items()}
+            )
+            hits.append(hit)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise _bad("search") from None
+    return hits
 
 
 def _cubes(wire: Any) -> list[CubeInfo]:

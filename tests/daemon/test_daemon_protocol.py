@@ -222,3 +222,60 @@ def test_the_client_rebuilds_items_exactly() -> None:
     for broken in ({**wire, "provenance": None}, {k: v for k, v in wire.items() if k != "id"}, []):
         with pytest.raises(BadRequest):
             item_from_wire(broken)
+
+
+def test_search_hits_build_their_items_on_first_access() -> None:
+    import copy
+    import dataclasses
+    import pickle
+
+    from memosd.client import Hit, _hits, item_from_wire
+    from memosd.memcube.model import MemoryItem, Provenance, Usage
+
+    item = MemoryItem(
+        id="01M80PSCB9NQEF9VE49P0A27P0",
+        cube="c",
+        version=1,
+        form="plaintext",
+        tier="short",
+        status="active",
+        text="t",
+        metadata={},
+        payload=None,
+        created_us=1,
+        recorded_us=1,
+        valid_from_us=None,
+        valid_to_us=None,
+        provenance=Provenance(None, "uid:1", None, (), "add"),
+        usage=Usage(2, 3, 0.5),
+        tags=(),
+        importance=0.5,
+        ttl_s=None,
+    )
+    wire = msgpack.unpackb(
+        msgpack.packb([{"item": item_to_wire(item), "score": 1, "components": {"dense": 1}}])
+    )
+
+    def hit() -> Hit:
+        return _hits(wire)[0]
+
+    plain = Hit(item, 1.0, {"dense": 1.0})
+    assert hit() == plain
+    assert plain == hit()
+    assert repr(hit()) == repr(plain)
+    assert isinstance(hit(), Hit)
+    lazy = hit()
+    assert lazy.item is lazy.item
+    assert lazy.item == item_from_wire(wire[0]["item"])
+    assert dataclasses.asdict(hit()) == dataclasses.asdict(plain)
+    assert dataclasses.replace(hit(), score=2.0) == Hit(item, 2.0, {"dense": 1.0})
+    for copied in (pickle.loads(pickle.dumps(hit())), copy.copy(hit()), copy.deepcopy(hit())):
+        assert copied == plain
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lazy.item = item  # type: ignore[misc]
+    # A broken item map: BadRequest when the item is read (its type at once).
+    broken = _hits([{"item": {"id": 1}, "score": 1}])[0]
+    with pytest.raises(BadRequest):
+        _ = broken.item
+    with pytest.raises(BadRequest):
+        _hits([{"item": [], "score": 1}])
