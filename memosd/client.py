@@ -1053,7 +1053,8 @@ class Client(_Base):
 
         ``wait`` (default): first wait until this principal's own writes are
         searchable (read-your-writes).  ``mode``: "hybrid", "dense" or
-        "lexical".  ``explain``: fill :attr:`Hit.components`.
+        "lexical".  ``explain``: fill :attr:`Hit.components`.  Each hit's
+        item is built from the reply when :attr:`Hit.item` is first read.
         """
         hits: list[Hit] = self._do(
             _Requests.search(
@@ -1701,7 +1702,8 @@ class AsyncClient(_Base):
 
         ``wait`` (default): first wait until this principal's own writes are
         searchable (read-your-writes).  ``mode``: "hybrid", "dense" or
-        "lexical".  ``explain``: fill :attr:`Hit.components`.
+        "lexical".  ``explain``: fill :attr:`Hit.components`.  Each hit's
+        item is built from the reply when :attr:`Hit.item` is first read.
         """
         hits: list[Hit] = await self._do(
             _Requests.search(
