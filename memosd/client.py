@@ -74,7 +74,6 @@ __all__ = [
 
 T = TypeVar("T")
 Item = MemoryItem
-_ITEM_FIELDS: Final = frozenset(MemoryItem.__dataclass_fields__)
 _CUBE_FIELDS: Final = ("name", "owner", "config", "schema_version", "created_us")
 
 
@@ -129,30 +128,82 @@ def _bad(what: str) -> BadRequest:
     return BadRequest(f"unexpected response shape for {what}", reason="bad_response")
 
 
+#: MemoryItem's fields in declaration order (item_from_wire fills them in this order).
+_ITEM_ORDER: Final = (
+    "id",
+    "cube",
+    "version",
+    "form",
+    "tier",
+    "status",
+    "text",
+    "metadata",
+    "payload",
+    "created_us",
+    "recorded_us",
+    "valid_from_us",
+    "valid_to_us",
+    "provenance",
+    "usage",
+    "tags",
+    "importance",
+    "ttl_s",
+)
+if tuple(MemoryItem.__dataclass_fields__) != _ITEM_ORDER:  # pragma: no cover - a model change
+    raise ImportError("memosd.client: MemoryItem's fields changed; update _ITEM_ORDER")
+# The slots' own setters: a frozen dataclass's __init__ goes through
+# object.__setattr__ once per field, which makes building an item cost more
+# than unpacking it (a search decodes k of them).
+_ITEM_SETTERS: Final = tuple(MemoryItem.__dict__[name].__set__ for name in _ITEM_ORDER)
+_NEW: Final = object.__new__
+_NO_USAGE: Final[dict[str, Any]] = {}
+
+
 def item_from_wire(wire: Any) -> Item:
-    """Rebuild a MemoryItem from its wire map (unknown keys from newer daemons ignored)."""
+    """Rebuild a MemoryItem from its wire map (unknown keys from newer daemons ignored).
+
+    The same item as ``MemoryItem(**fields)``, built without the frozen
+    dataclass's ``__init__`` (the fields are filled through their slots).
+    """
     if type(wire) is not dict:
         raise _bad("item")
     try:
-        values = {k: v for k, v in wire.items() if k in _ITEM_FIELDS}
-        prov = values["provenance"]
-        values["provenance"] = Provenance(
-            source=prov.get("source"),
-            actor=prov.get("actor"),
-            session=prov.get("session"),
-            parents=tuple((str(p[0]), int(p[1])) for p in prov.get("parents", ())),
-            operation=prov.get("operation", ""),
+        prov = wire["provenance"]
+        parents = prov.get("parents")
+        usage = wire.get("usage") or _NO_USAGE
+        tags = wire.get("tags")
+        values = (
+            wire["id"],
+            wire["cube"],
+            wire["version"],
+            wire["form"],
+            wire["tier"],
+            wire["status"],
+            wire["text"],
+            wire["metadata"],
+            wire["payload"],
+            wire["created_us"],
+            wire["recorded_us"],
+            wire["valid_from_us"],
+            wire["valid_to_us"],
+            Provenance(
+                prov.get("source"),
+                prov.get("actor"),
+                prov.get("session"),
+                tuple((str(p[0]), int(p[1])) for p in parents) if parents else (),
+                prov.get("operation", ""),
+            ),
+            Usage(usage.get("hits", 0), usage.get("last_hit_us"), usage.get("heat", 0.0)),
+            tuple(tags) if tags else (),
+            wire["importance"],
+            wire["ttl_s"],
         )
-        usage = values.get("usage") or {}
-        values["usage"] = Usage(
-            hits=usage.get("hits", 0),
-            last_hit_us=usage.get("last_hit_us"),
-            heat=usage.get("heat", 0.0),
-        )
-        values["tags"] = tuple(values.get("tags", ()))
-        return MemoryItem(**values)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         raise _bad("item") from None
+    item: Item = _NEW(MemoryItem)
+    for set_field, value in zip(_ITEM_SETTERS, values, strict=True):
+        set_field(item, value)
+    return item
 
 
 def _cube_from_wire(wire: Any) -> CubeInfo:
@@ -198,17 +249,81 @@ def _items(wire: Any) -> list[Item]:
     return [item_from_wire(w) for w in wire]
 
 
+_HIT_ITEM: Final = Hit.__dict__["item"]  # the slot (member descriptor) behind Hit.item
+_HIT_SET_SCORE: Final = Hit.__dict__["score"].__set__
+_HIT_SET_COMPONENTS: Final = Hit.__dict__["components"].__set__
+
+
+class _LazyHit(Hit):
+    """A :class:`Hit` whose item is built from its wire map on first access.
+
+    A search decodes k items; building each costs more than unpacking it,
+    and a caller often reads a few hits or only the scores.  Otherwise a
+    plain Hit: equal to one with the same item, same repr and fields (they
+    read ``item``, which builds it), frozen, picklable.  A malformed item map
+    raises BadRequest when ``item`` is first read.
+    """
+
+    __slots__ = ("_wire",)
+
+    @property  # stands for the frozen dataclass field
+    def item(self) -> Item:
+        try:
+            item: Item = _HIT_ITEM.__get__(self, Hit)
+        except AttributeError:  # not built yet
+            item = item_from_wire(_LAZY_WIRE.__get__(self, _LazyHit))
+            _HIT_ITEM.__set__(self, item)
+            _LAZY_WIRE.__delete__(self)
+        return item
+
+    @item.setter
+    def item(self, value: Item) -> None:  # __init__ (dataclasses.replace); users get Frozen...
+        _HIT_ITEM.__set__(self, value)
+
+    def _plain(self) -> Hit:
+        return Hit(self.item, self.score, self.components)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Hit):
+            return (self.item, self.score, self.components) == (
+                other.item,
+                other.score,
+                other.components,
+            )
+        return NotImplemented
+
+    __hash__ = Hit.__hash__
+
+    def __repr__(self) -> str:
+        return repr(self._plain())
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle and copy as a plain Hit
+        return (Hit, (self.item, self.score, self.components))
+
+
+_LAZY_WIRE: Final = _LazyHit.__dict__["_wire"]
+_NEW_HIT: Final = object.__new__
+
+
 def _hits(wire: Any) -> list[Hit]:
     if type(wire) is not list:
         raise _bad("search")
-    return [
-        Hit(
-            item_from_wire(h["item"]),
-            float(h["score"]),
-            {str(k): float(v) for k, v in (h.get("components") or {}).items()},
-        )
-        for h in wire
-    ]
+    hits: list[Hit] = []
+    try:
+        for h in wire:
+            item = h["item"]
+            if type(item) is not dict:
+                raise _bad("item")
+            hit: Hit = _NEW_HIT(_LazyHit)
+            _LAZY_WIRE.__set__(hit, item)
+            _HIT_SET_SCORE(hit, float(h["score"]))
+            _HIT_SET_COMPONENTS(
+                hit, {str(k): float(v) for k, v in (h.get("components") or {}).items()}
+            )
+            hits.append(hit)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise _bad("search") from None
+    return hits
 
 
 def _cubes(wire: Any) -> list[CubeInfo]:
@@ -966,7 +1081,8 @@ class Client(_Base):
 
         ``wait`` (default): first wait until this principal's own writes are
         searchable (read-your-writes).  ``mode``: "hybrid", "dense" or
-        "lexical".  ``explain``: fill :attr:`Hit.components`.
+        "lexical".  ``explain``: fill :attr:`Hit.components`.  Each hit's
+        item is built from the reply when :attr:`Hit.item` is first read.
         """
         hits: list[Hit] = self._do(
             _Requests.search(
@@ -1626,7 +1742,8 @@ class AsyncClient(_Base):
 
         ``wait`` (default): first wait until this principal's own writes are
         searchable (read-your-writes).  ``mode``: "hybrid", "dense" or
-        "lexical".  ``explain``: fill :attr:`Hit.components`.
+        "lexical".  ``explain``: fill :attr:`Hit.components`.  Each hit's
+        item is built from the reply when :attr:`Hit.item` is first read.
         """
         hits: list[Hit] = await self._do(
             _Requests.search(

@@ -272,6 +272,7 @@ def open_search(settings: Settings, engine: Any, plugins: PluginRuntime | None =
             neighbour_weight=ix.neighbour_weight,
             embed_workers=ix.embed_workers,
             wait_timeout_s=ix.wait_timeout_s,
+            inline_search_us=ix.inline_search_us,
         ),
     )
     search.start()

@@ -27,6 +27,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -252,20 +253,41 @@ class QueryCache:
         self._cache: OrderedDict[str, Vectors] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        # Moving average of one query embedding's wall time (s); None until measured.
+        self.embed_cost_s: float | None = None
 
     def embed_query(self, text: str) -> Vectors:
         """A ``(dim,)`` unit vector for ``text`` (read-only: do not modify it)."""
+        found = self.try_embed_query(text, None)
+        assert found is not None
+        return found
+
+    def try_embed_query(self, text: str, max_cost_s: float | None) -> Vectors | None:
+        """:meth:`embed_query`, but None (nothing counted) on a cache miss unless
+        embedding has been measured to cost at most ``max_cost_s`` (None: no limit).
+
+        A search on the daemon's event loop uses this: a cached query, or one
+        from an embedder measured to take microseconds (the hashing embedder),
+        is answered there; a MiniLM embedding (milliseconds) never runs on it.
+        """
         with self._lock:
             found = self._cache.get(text)
             if found is not None:
                 self._cache.move_to_end(text)
                 self.hits += 1
                 return found
+            cost = self.embed_cost_s
+            if max_cost_s is not None and (cost is None or cost > max_cost_s):
+                return None
             self.misses += 1
+        started = time.perf_counter()
         vector: Vectors = self.embedder.embed([text])[0]
+        elapsed = time.perf_counter() - started
         vector.setflags(write=False)
-        if self.size > 0:
-            with self._lock:
+        with self._lock:
+            cost = self.embed_cost_s
+            self.embed_cost_s = elapsed if cost is None else 0.8 * cost + 0.2 * elapsed
+            if self.size > 0:
                 self._cache[text] = vector
                 self._cache.move_to_end(text)
                 while len(self._cache) > self.size:

@@ -9,11 +9,14 @@ that edge, so after each send the loop is woken if input is pending.  This avoid
 per message (zmq.asyncio) and keeps a ``get`` close to a bare echo.
 
 Cheap reads (``get``, ``history``, cube lookups, ``ping``) run inline in the
-receive loop.  Writes are checked inline and submitted with
-``engine.atomic_future`` (no task, no thread): the engine's commit thread
-completes the futures of a whole group commit, the completions are handed to
-the loop in one ``call_soon_threadsafe`` per burst, and their replies go out
-back to back without an await per message.  Other ops run as tasks that wait
+receive loop, and so does a search the search service estimates to be cheap
+(a small index, a cached or cheaply embedded query, nothing to wait for: see
+``IndexSettings.inline_search_us``); other searches go to a worker thread.
+Writes are checked inline and submitted with ``engine.atomic_future`` (no
+task, no thread): the engine's commit thread completes the futures of a whole
+group commit, the completions are handed to the loop in one
+``call_soon_threadsafe`` per burst, and their replies go out back to back
+without an await per message.  Other ops run as tasks that wait
 for engine worker threads.  The engine's change listener (called from the
 writer thread) hands events to the loop the same way.
 
@@ -328,6 +331,10 @@ class Server:
         elif kind == "feed":
             self._answer_feed(envelope, request, peer)
         else:
+            out = self._answer_quick(request, peer)
+            if out is not None:
+                self._send([*envelope, *out])
+                return
             self._begin()
             tg.start_soon(self._handle, envelope, request, peer)
 
@@ -467,6 +474,17 @@ class Server:
             return encode_error(request.id, err)
         except Exception:
             return self._internal_error(request)
+
+    def _answer_quick(self, request: Request, peer: Peer | None) -> list[bytes] | None:
+        """A task op answered right here if its quick path takes it (small
+        searches), else None: the op runs as a task."""
+        try:
+            reply = self.service.try_quick(request, peer)
+        except MemosError as err:
+            return encode_error(request.id, err)
+        except Exception:
+            return self._internal_error(request)
+        return None if reply is None else encode_response(request.id, reply)
 
     def _internal_error(self, request: Request) -> list[bytes]:
         _log.exception("op failed", op=request.op)

@@ -19,7 +19,9 @@ Ops come in four kinds (:class:`OpSpec`):
   flight, from one client or many, land in the same commit batch.
 * ``task``: coroutines for engine calls that may wait for the disk or scan
   (search, list, checkpoints, export/import); they run in a pool of worker
-  threads (``thread_limit``).
+  threads (``thread_limit``).  A task op may also have a ``quick`` handler
+  the server tries on the loop first (``search``: a small search estimated
+  to be cheaper than the thread hops; see ``Service.try_quick``).
 * ``feed``: ``subscribe``/``unsubscribe``; the server keeps the subscription
   (it needs the connection), the service only checks arguments and access.
 """
@@ -81,6 +83,9 @@ class OpSpec:
 
     handler: Handler
     kind: str = "task"
+    # Task ops only: a plain function tried on the event loop first; it
+    # returns the result, or NOT_QUICK to run ``handler`` in a task instead.
+    quick: Handler | None = None
 
     @property
     def inline(self) -> bool:
@@ -103,6 +108,8 @@ class Write:
 
 
 OPS: dict[str, OpSpec] = {}
+#: What a ``quick`` handler returns when the op must run as a task after all.
+NOT_QUICK: Final = object()
 _NOT_GIVEN: Final = object()
 _CACHE_MAX: Final = 10_000
 _ACL_EVENTS: Final = frozenset({"cube_created", "cube_dropped", "acl_changed"})
@@ -113,12 +120,17 @@ _TOKEN_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def op(
-    name: str, *, inline: bool = False, write: bool = False, feed: bool = False
+    name: str,
+    *,
+    inline: bool = False,
+    write: bool = False,
+    feed: bool = False,
+    quick: Handler | None = None,
 ) -> Callable[[Handler], Handler]:
     kind = "inline" if inline else "write" if write else "feed" if feed else "task"
 
     def register(fn: Handler) -> Handler:
-        OPS[name] = OpSpec(fn, kind)
+        OPS[name] = OpSpec(fn, kind, quick)
         return fn
 
     return register
@@ -369,6 +381,20 @@ class Service:
         if not spec.inline:
             raise InternalError(f"{request.op} is not an inline op")
         result = spec.handler(self, self._call(request, peer))
+        return result if isinstance(result, Reply) else Reply(result)
+
+    def try_quick(self, request: Request, peer: Peer | None) -> Reply | None:
+        """A task op answered on the event loop, or None: run it as a task.
+
+        Only ops with a ``quick`` handler (``search``) are tried; it raises the
+        same errors the task would (it parses and checks the same way).
+        """
+        spec = self._spec(request)
+        if spec.quick is None:
+            return None
+        result = spec.quick(self, self._call(request, peer))
+        if result is NOT_QUICK:
+            return None
         return result if isinstance(result, Reply) else Reply(result)
 
     def start_write(self, request: Request, peer: Peer | None) -> tuple[Future[Any], Write]:
@@ -985,9 +1011,19 @@ def _scan_active(engine: Any, cube: str, tier: str | None, form: str | None) -> 
         after = page[-1].id
 
 
-@op("search")
-async def _search(svc: Service, call: Call) -> Any:
-    """Hybrid search over one cube (``cube``) or several (``cubes``), fused."""
+@dataclass(frozen=True, slots=True)
+class _SearchArgs:
+    names: list[str]
+    query: str
+    k: int
+    tags: list[str]
+    tier: str | None
+    form: str | None
+    search: dict[str, Any]  # the SearchService.search keywords (None without indexes)
+
+
+def _search_args(svc: Service, call: Call) -> _SearchArgs:
+    """A search request's arguments, parsed and access-checked (shared by both paths)."""
     a = call.args
     cube = a.opt_str("cube")
     cubes = a.opt_str_list("cubes")
@@ -1010,51 +1046,70 @@ async def _search(svc: Service, call: Call) -> Any:
         raise BadRequest("search: give `cube` or `cubes`", reason="bad_arg", field="cube")
     for name in names:
         svc.require(call.identity, name, "read")
+    keywords: dict[str, Any] = {}
+    if svc.search is not None:
+        from memosd.index import SearchFilters  # noqa: PLC0415 - heavy, only with indexes
+
+        keywords = {
+            "k": k,
+            "filters": SearchFilters(
+                tiers=(tier,) if tier else None,
+                forms=(form,) if form else None,
+                tags=tuple(tags),
+                sessions=(session,) if session else None,
+                time_from_us=time_from_us,
+                time_to_us=time_to_us,
+                as_of_us=as_of_us,
+                status=status or "active",
+            ),
+            # Read-your-writes: wait until this principal's own writes are indexed.
+            "wait_for_lsn": (
+                svc.written_lsn.get(call.identity.principal) if wait_raw is not False else None
+            ),
+            "mode": mode,
+            "explain": explain,
+        }
+    return _SearchArgs(names, query, k, tags, tier, form, keywords)
+
+
+def _hits_wire(hits: Iterable[Any]) -> list[dict[str, Any]]:
+    return [
+        {"item": item_to_wire(h.item), "score": h.score, "components": h.components} for h in hits
+    ]
+
+
+def _search_quick(svc: Service, call: Call) -> Any:
+    """The search on the event loop, if the search service finds it cheap enough
+    (memosd.index.SearchService.try_search_inline); else NOT_QUICK (worker thread)."""
+    args = _search_args(svc, call)
+    if svc.search is None:
+        return NOT_QUICK
+    hits = svc.search.try_search_inline(args.names, args.query, **args.search)
+    return NOT_QUICK if hits is None else _hits_wire(hits)
+
+
+@op("search", quick=_search_quick)
+async def _search(svc: Service, call: Call) -> Any:
+    """Hybrid search over one cube (``cube``) or several (``cubes``), fused."""
+    args = _search_args(svc, call)
+    names = args.names
     if svc.search is None:
 
         def scan() -> list[tuple[Any, float]]:
             return lexical_scan_search(
-                (i for n in names for i in _scan_active(svc.engine, n, tier, form)),
-                query,
-                k,
-                tags=tags,
+                (i for n in names for i in _scan_active(svc.engine, n, args.tier, args.form)),
+                args.query,
+                args.k,
+                tags=args.tags,
             )
 
         scanned = await svc.run(scan)
         return [{"item": item_to_wire(item), "score": score} for item, score in scanned]
 
-    from memosd.index import SearchFilters  # noqa: PLC0415 - heavy, only with indexes
-
-    filters = SearchFilters(
-        tiers=(tier,) if tier else None,
-        forms=(form,) if form else None,
-        tags=tuple(tags),
-        sessions=(session,) if session else None,
-        time_from_us=time_from_us,
-        time_to_us=time_to_us,
-        as_of_us=as_of_us,
-        status=status or "active",
-    )
-    # Read-your-writes: wait until this principal's own writes are indexed.
-    wait_for = svc.written_lsn.get(call.identity.principal) if wait_raw is not False else None
-
     def run() -> list[Any]:
-        return list(
-            svc.search.search(
-                names,
-                query,
-                k=k,
-                filters=filters,
-                wait_for_lsn=wait_for,
-                mode=mode,
-                explain=explain,
-            )
-        )
+        return list(svc.search.search(names, args.query, **args.search))
 
-    hits = await svc.run(run)
-    return [
-        {"item": item_to_wire(h.item), "score": h.score, "components": h.components} for h in hits
-    ]
+    return _hits_wire(await svc.run(run))
 
 
 # --- ops: the change feed (the server keeps the subscription) --------------------

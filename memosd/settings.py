@@ -335,6 +335,16 @@ class IndexSectionSettings:
         unit="s",
         minimum=0.0,
     )
+    inline_search_us: int = _setting(
+        2000,
+        "A search estimated to take at most this long (CPU time measured on earlier searches "
+        "of the same cubes and kind, plus the query embedding unless cached) runs on the "
+        "daemon's event loop instead of a worker thread (no thread hops); it bounds how "
+        "long one search may hold up other requests. 0: every search in a thread.",
+        unit="us",
+        minimum=0,
+        maximum=100_000,
+    )
 
 
 @dataclass(frozen=True, slots=True)

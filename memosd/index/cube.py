@@ -12,8 +12,9 @@ search still works, dense search raises ``BadRequest(reason="embedding_mismatch"
 from __future__ import annotations
 
 import bisect
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy.typing as npt
 
 from memosd.errors import BadRequest
 from memosd.index.bm25 import BM25Index
-from memosd.index.dense import DenseIndex
+from memosd.index.dense import DenseIndex, WouldBlock
 from memosd.memcube.model import MemoryItem
 
 __all__ = ["CubeIndex", "FormText", "embedding_mismatch", "indexed_text"]
@@ -94,6 +95,16 @@ class CubeIndex:
     def __len__(self) -> int:
         return len(self.by_item)
 
+    @contextlib.contextmanager
+    def _locked(self, blocking: bool) -> Iterator[None]:
+        """The lock; ``blocking=False``: WouldBlock (see memosd.index.dense) if it is held."""
+        if not self.lock.acquire(blocking=blocking):
+            raise WouldBlock(self.name)
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def version_of(self, item_id: str) -> int | None:
         entry = self.by_item.get(item_id)
         return None if entry is None else entry[1]
@@ -154,11 +165,14 @@ class CubeIndex:
         """The items indexed just before and after ``item_id`` in its session."""
         return self.neighbours_of([item_id]).get(item_id, (None, None))
 
-    def neighbours_of(self, item_ids: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    def neighbours_of(
+        self, item_ids: list[str], *, blocking: bool = True
+    ) -> dict[str, tuple[str | None, str | None]]:
         """:meth:`neighbours` of several items under one lock (a search's candidates);
-        items without a session are left out."""
+        items without a session are left out.  ``blocking=False``: WouldBlock if
+        the lock is held."""
         out: dict[str, tuple[str | None, str | None]] = {}
-        with self.lock:
+        with self._locked(blocking):
             for item_id in item_ids:
                 session = self.session_of.get(item_id)
                 if session is None:
@@ -193,15 +207,19 @@ class CubeIndex:
             )
         return self.dense
 
-    def search_dense(self, query: npt.NDArray[np.float32], n: int) -> list[tuple[str, float]]:
+    def search_dense(
+        self, query: npt.NDArray[np.float32], n: int, *, blocking: bool = True
+    ) -> list[tuple[str, float]]:
         dense = self.require_dense()
-        found = dense.search(query, n)
+        found = dense.search(query, n, blocking=blocking)
         by_label = self.by_label
         # A label can vanish between the faiss search and here (concurrent update): skip it.
         return [(by_label[lab], s) for lab, s in found if lab in by_label]
 
-    def search_lexical(self, terms: Sequence[str], n: int) -> list[tuple[str, float]]:
-        with self.lock:
+    def search_lexical(
+        self, terms: Sequence[str], n: int, *, blocking: bool = True
+    ) -> list[tuple[str, float]]:
+        with self._locked(blocking):
             found = self.bm25.search(terms, n)
             return [(self.by_label[lab], s) for lab, s in found]
 

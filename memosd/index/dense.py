@@ -38,13 +38,21 @@ import structlog
 
 from memosd.errors import BadRequest, CorruptionError
 
-__all__ = ["DenseIndex"]
+__all__ = ["DenseIndex", "WouldBlock"]
 
 _log = structlog.get_logger("memosd.index.dense")
 
 Labels = npt.NDArray[np.int64]
 _FLAT: Final = "flat"
 _HNSW: Final = "hnsw"
+
+
+class WouldBlock(Exception):
+    """A non-blocking search found an index lock held (by the indexer or a swap).
+
+    Raised only when the caller asked for ``blocking=False`` (a search on the
+    daemon's event loop, which must not wait): it retries in a worker thread.
+    """
 
 
 def _as_labels(labels: Iterable[int] | npt.NDArray[Any]) -> Labels:
@@ -239,8 +247,13 @@ class DenseIndex:
 
     # --- search -------------------------------------------------------------------------
 
-    def search(self, query: npt.NDArray[Any], k: int) -> list[tuple[int, float]]:
-        """The best ``k`` live ``(label, similarity)`` for one query vector, best first."""
+    def search(
+        self, query: npt.NDArray[Any], k: int, *, blocking: bool = True
+    ) -> list[tuple[int, float]]:
+        """The best ``k`` live ``(label, similarity)`` for one query vector, best first.
+
+        ``blocking=False``: :class:`WouldBlock` instead of waiting for the lock.
+        """
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         if q.shape[1] != self.dim:
             raise BadRequest(
@@ -248,28 +261,35 @@ class DenseIndex:
                 reason="embedding_mismatch",
             )
         faiss.omp_set_num_threads(1)
-        with self._lock:
-            total = int(self._index.ntotal)
-            if total == 0 or k <= 0:
-                return []
-            fetch = min(total, k if self._kind == _FLAT else 2 * k + 16)
-            while True:
-                if self._kind == _HNSW:
-                    params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
-                        efSearch=max(self.ef_search, fetch)
-                    )
-                    sims, ids = self._index.search(q, fetch, params=params)
-                else:
-                    sims, ids = self._index.search(q, fetch)
-                live = self._live
-                out = [
-                    (i, s)
-                    for s, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True)
-                    if i >= 0 and i in live
-                ]
-                if len(out) >= k or fetch >= total:
-                    return out[:k]
-                fetch = min(total, fetch * 4)
+        if not self._lock.acquire(blocking=blocking):
+            raise WouldBlock(self.dim)
+        try:
+            return self._search_locked(q, k)
+        finally:
+            self._lock.release()
+
+    def _search_locked(self, q: npt.NDArray[np.float32], k: int) -> list[tuple[int, float]]:
+        total = int(self._index.ntotal)
+        if total == 0 or k <= 0:
+            return []
+        fetch = min(total, k if self._kind == _FLAT else 2 * k + 16)
+        while True:
+            if self._kind == _HNSW:
+                params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+                    efSearch=max(self.ef_search, fetch)
+                )
+                sims, ids = self._index.search(q, fetch, params=params)
+            else:
+                sims, ids = self._index.search(q, fetch)
+            live = self._live
+            out = [
+                (i, s)
+                for s, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True)
+                if i >= 0 and i in live
+            ]
+            if len(out) >= k or fetch >= total:
+                return out[:k]
+            fetch = min(total, fetch * 4)
 
     # --- persistence (used by memosd.index.snapshot) ------------------------------------
 

@@ -51,6 +51,7 @@ from memosd.embed import Embedder, MiniLMEmbedder, QueryCache
 from memosd.errors import BadRequest, NotFound, TooLarge, Unavailable
 from memosd.index.bm25 import BM25Index, tokenize
 from memosd.index.cube import CubeIndex, FormText, embedding_mismatch, indexed_text
+from memosd.index.dense import WouldBlock
 from memosd.index.filters import SearchFilters, matches, needs_history, validate_filters
 from memosd.index.fusion import (
     Boosts,
@@ -67,6 +68,7 @@ __all__ = ["MODES", "SearchHit", "SearchService"]
 
 MODES: Final = ("hybrid", "dense", "lexical")
 _SCAN_PAGE: Final = 512
+_COSTS_MAX: Final = 4096  # search-cost estimates kept (one per cubes/mode/k/filter kind)
 
 Key = tuple[str, str]  # (cube, item id)
 
@@ -107,6 +109,10 @@ class SearchService:
         self.embedder: Embedder = embedder
         self.root = Path(data_dir) / "index"
         self.queries = QueryCache(embedder, self.settings.query_cache_size)
+        # Moving average of a live search's CPU time (s, query embedding excluded)
+        # per _cost_key: whether try_search_inline may run one on the event loop.
+        self._costs: dict[tuple[Any, ...], float] = {}
+        self.inline_searches = 0  # searches answered by try_search_inline
         self.indexer = Indexer(engine, self.root, embedder, self.settings, form_text)
 
     # --- lifecycle ----------------------------------------------------------------
@@ -175,6 +181,81 @@ class SearchService:
         names = self._validate(cubes, query, k, mode)
         if filters is not None:
             validate_filters(filters)
+        return self._search(
+            names, query, k, filters, boosts, wait_for_lsn, mode, explain, blocking=True
+        )
+
+    def try_search_inline(
+        self,
+        cubes: Sequence[str],
+        query: str,
+        *,
+        k: int = 10,
+        filters: SearchFilters | None = None,
+        boosts: Boosts | None = None,
+        wait_for_lsn: int | None = None,
+        mode: str = "hybrid",
+        explain: bool = False,
+    ) -> list[SearchHit] | None:
+        """:meth:`search` if it can run without blocking and is estimated to take at
+        most ``settings.inline_search_us``; None otherwise (call :meth:`search`
+        from a worker thread then).  For the daemon's event loop.
+
+        Estimated from the measured CPU time of earlier searches with the
+        same cubes, mode, k, filter kind and boosts (a moving average; the
+        first such search is never inline), plus the query embedding unless
+        the query vector is cached (the embedder's measured wall time:
+        MiniLM's milliseconds never run inline).  None as well when the index is not
+        ready, the principal's writes are not indexed yet (``wait_for_lsn``:
+        the search would wait), the filters need the history scan, or an index
+        lock is held (by the indexer).  The same hits and errors as
+        :meth:`search` otherwise.
+        """
+        budget = self.settings.inline_search_us / 1e6
+        if budget <= 0:
+            return None
+        names = self._validate(cubes, query, k, mode)
+        if filters is not None:
+            validate_filters(filters)
+        if self.indexer.state != "ready" or needs_history(filters):
+            return None
+        if wait_for_lsn is not None and self.indexer.indexed_lsn < wait_for_lsn:
+            return None
+        cost = self._costs.get(self._cost_key(names, k, filters, boosts, mode))
+        if cost is None or cost > budget:
+            return None
+        try:
+            hits = self._search(
+                names,
+                query,
+                k,
+                filters,
+                boosts,
+                None,
+                mode,
+                explain,
+                blocking=False,
+                embed_budget_s=budget - cost,
+            )
+        except WouldBlock:
+            return None
+        self.inline_searches += 1
+        return hits
+
+    def _search(  # noqa: PLR0917 - internal, both entry points pass everything
+        self,
+        names: list[str],
+        query: str,
+        k: int,
+        filters: SearchFilters | None,
+        boosts: Boosts | None,
+        wait_for_lsn: int | None,
+        mode: str,
+        explain: bool,
+        *,
+        blocking: bool,
+        embed_budget_s: float | None = None,
+    ) -> list[SearchHit]:
         if self.indexer.state in ("stopped", "error"):
             raise Unavailable(
                 f"the search index is {self.indexer.state}"
@@ -199,10 +280,42 @@ class SearchService:
             )
         else:
             hits = self._search_live(
-                names, query=query, k=k, filters=filters, boosts=boosts, mode=mode, explain=explain
+                names,
+                query=query,
+                k=k,
+                filters=filters,
+                boosts=boosts,
+                mode=mode,
+                explain=explain,
+                blocking=blocking,
+                embed_budget_s=embed_budget_s,
             )
         self._record_hits(hits)
         return hits
+
+    @staticmethod
+    def _cost_key(
+        names: list[str],
+        k: int,
+        filters: SearchFilters | None,
+        boosts: Boosts | None,
+        mode: str,
+    ) -> tuple[Any, ...]:
+        return (
+            tuple(names),
+            mode,
+            k,
+            filters is not None and filters.restrictive,
+            boosts is not None and boosts.active,
+        )
+
+    def _note_cost(self, key: tuple[Any, ...], seconds: float) -> None:
+        """Fold one live search's CPU time (without the query embedding) into its estimate."""
+        costs = self._costs
+        old = costs.get(key)
+        if old is None and len(costs) >= _COSTS_MAX:
+            costs.clear()
+        costs[key] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def _validate(self, cubes: Sequence[str], query: str, k: int, mode: str) -> list[str]:
         if isinstance(cubes, str):
@@ -228,12 +341,23 @@ class SearchService:
         boosts: Boosts | None,
         mode: str,
         explain: bool,
+        blocking: bool = True,
+        embed_budget_s: float | None = None,
     ) -> list[SearchHit]:
         cubes = [c for c in (self.indexer.cube(n) for n in names) if c is not None]
+        vector = None
         if mode != "lexical":
             for cube in cubes:
                 cube.require_dense()
-        vector = self.queries.embed_query(query) if mode != "lexical" else None
+            if blocking:
+                vector = self.queries.embed_query(query)
+            else:
+                vector = self.queries.try_embed_query(query, embed_budget_s)
+                if vector is None:
+                    raise WouldBlock("query embedding")
+        # CPU time of this thread: what the search costs whichever thread runs it
+        # (wall time would also count waits for the GIL and for a busy CPU).
+        started = time.thread_time()
         terms = tokenize(query) if mode != "dense" else []
         n = (
             k
@@ -241,7 +365,7 @@ class SearchService:
             else max(self.settings.candidates, k)
         )
         while True:
-            found = self._gather(cubes, vector, terms, n)
+            found = self._gather(cubes, vector, terms, n, blocking)
             hits = self._rank_and_fetch(
                 found,
                 k=k,
@@ -250,8 +374,11 @@ class SearchService:
                 mode=mode,
                 explain=explain,
                 fetch=self._latest,
+                blocking=blocking,
             )
             if len(hits) >= k or found.exhausted:
+                key = self._cost_key(names, k, filters, boosts, mode)
+                self._note_cost(key, time.thread_time() - started)
                 return hits
             n *= 4
 
@@ -284,17 +411,18 @@ class SearchService:
         vector: np.ndarray[Any, Any] | None,
         terms: list[str],
         n: int,
+        blocking: bool = True,
     ) -> _Candidates:
         dense: list[tuple[Key, float]] = []
         lexical: list[tuple[Key, float]] = []
         exhausted = True
         for cube in cubes:
             if vector is not None:
-                got = cube.search_dense(vector, n)
+                got = cube.search_dense(vector, n, blocking=blocking)
                 exhausted = exhausted and len(got) < n
                 dense.extend(((cube.name, item_id), s) for item_id, s in got)
             if terms:
-                got = cube.search_lexical(terms, n)
+                got = cube.search_lexical(terms, n, blocking=blocking)
                 exhausted = exhausted and len(got) < n
                 lexical.extend(((cube.name, item_id), s) for item_id, s in got)
         dense.sort(key=lambda e: -e[1])
@@ -331,6 +459,7 @@ class SearchService:
         mode: str,
         explain: bool,
         fetch: Callable[[list[Key]], list[MemoryItem | None]],
+        blocking: bool = True,
     ) -> list[SearchHit]:
         dense_scores = dict(found.dense)
         lexical_scores = dict(found.lexical)
@@ -386,7 +515,7 @@ class SearchService:
                 ranked.append((key, score, components))
 
         if self.settings.neighbour_weight > 0 and ranked:
-            ranked = self._smooth_by_neighbours(ranked, explain=explain)
+            ranked = self._smooth_by_neighbours(ranked, explain=explain, blocking=blocking)
         boosting = boosts is not None and boosts.active
         now_us = time.time_ns() // 1000
         if boosts is not None and boosts.now_us is not None:
@@ -427,7 +556,11 @@ class SearchService:
         return hits[:k]
 
     def _smooth_by_neighbours(
-        self, ranked: list[tuple[Key, float, dict[str, float]]], *, explain: bool
+        self,
+        ranked: list[tuple[Key, float, dict[str, float]]],
+        *,
+        explain: bool,
+        blocking: bool = True,
     ) -> list[tuple[Key, float, dict[str, float]]]:
         """Add ``neighbour_weight`` x the best candidate score among each candidate's
         session neighbours (the items just before and after it), then re-rank."""
@@ -445,7 +578,7 @@ class SearchService:
         for cube_name, ids in by_cube.items():
             cube = self.indexer.cube(cube_name)
             if cube is not None:
-                for item_id, pair in cube.neighbours_of(ids).items():
+                for item_id, pair in cube.neighbours_of(ids, blocking=blocking).items():
                     near[(cube_name, item_id)] = pair
         out: list[tuple[Key, float, dict[str, float]]] = []
         for key, score, components in ranked:
@@ -563,4 +696,5 @@ class SearchService:
         status["lag"] = None if applied is None else max(0, applied - status["indexed_lsn"])
         status["embedder"] = {"model": self.embedder.model_name, "dim": self.embedder.dim}
         status["query_cache"] = self.queries.stats()
+        status["inline_searches"] = self.inline_searches
         return status

@@ -363,3 +363,39 @@ def test_unbindable_socket_path_is_a_config_error(tmp_path: Path) -> None:
         shutil.rmtree(too_long.parent, ignore_errors=True)
     assert proc.returncode == EXIT_CONFIG
     assert b"cannot bind" in proc.stderr
+
+
+def test_small_searches_on_the_event_loop_answer_like_threaded_ones(
+    memosd_daemon_factory: Callable[..., DaemonHandle],
+) -> None:
+    """A search cheap enough to run on the loop gives what a worker thread gives."""
+    results: list[list[tuple[str, float, dict[str, float]]]] = []
+    inline_counts = []
+    for budget in (100_000, 0):  # every search of this test fits 0.1 s; 0: never inline
+        daemon = memosd_daemon_factory(settings={"index.inline_search_us": budget})
+        with daemon.client() as c:
+            c.create_cube("kb")
+            c.create_cube("other")
+            for i in range(40):
+                c.add("kb", f"note {i} about cats and {'tea' if i % 2 else 'coffee'}", tags=["t"])
+            c.add("kb", "walk the dog", session="s1")
+            c.add("kb", "dogs like walks", session="s1")
+            got = []
+            for _ in range(3):  # the first of each kind is measured in a thread
+                got = []
+                for mode in ("hybrid", "dense", "lexical"):
+                    for kwargs in ({}, {"k": 3, "tags": ["t"]}):
+                        hits = c.search(["kb", "other"], "cats coffee dog", mode=mode, **kwargs)
+                        got.append([(h.item.id, h.score, h.components) for h in hits])
+            results.append([[(str(i), s, comp) for i, s, comp in hits] for hits in got])
+            inline_counts.append(c.status()["search"]["inline_searches"])
+            with pytest.raises(NotFound):
+                c.search("nope", "cats")
+            # Hits are counted either way.
+            c.checkpoint()
+            assert c.get("kb", got[0][0][0]).usage.hits >= 3
+    assert inline_counts[0] >= 6
+    assert inline_counts[1] == 0
+    # Item ids differ between the two daemons: compare ranks, scores and components.
+    first, second = ([[(s, comp) for _, s, comp in hits] for hits in r] for r in results)
+    assert first == second

@@ -176,3 +176,106 @@ def test_item_to_wire_matches_the_generic_form() -> None:
         ttl_s=None,
     )
     assert item_to_wire(item) == to_wire(item)
+
+
+def test_the_client_rebuilds_items_exactly() -> None:
+    """item_from_wire fills the slots directly: the same item as the constructor's."""
+    from dataclasses import replace
+
+    from memosd.client import item_from_wire
+    from memosd.memcube.model import MemoryItem, Provenance, Usage
+
+    item = MemoryItem(
+        id="01M80PSCB9NQEF9VE49P0A27P0",
+        cube="c",
+        version=2,
+        form="plaintext",
+        tier="mid",
+        status="active",
+        text="t",
+        metadata={"a": [1]},
+        payload={"p": 1},
+        created_us=1,
+        recorded_us=2,
+        valid_from_us=None,
+        valid_to_us=5,
+        provenance=Provenance("src", "uid:1", "s", (("01M80PSCB9NQEF9VE49P0A27P0", 1),), "update"),
+        usage=Usage(3, 4, 0.5),
+        tags=("x", "y"),
+        importance=0.25,
+        ttl_s=60,
+    )
+    wire = msgpack.unpackb(msgpack.packb(item_to_wire(item)))
+    back = item_from_wire({**wire, "from_a_newer_daemon": 1})
+    assert back == item
+    assert repr(back) == repr(item)
+    assert replace(back, text="u").text == "u"
+    with pytest.raises(AttributeError):
+        back.text = "mutated"  # type: ignore[misc]
+    # Optional parts default as before: no usage, no tags, no parents.
+    bare = {k: v for k, v in wire.items() if k not in ("usage", "tags")}
+    bare["provenance"] = {"actor": "uid:1"}
+    plain = item_from_wire(bare)
+    assert plain.usage == Usage()
+    assert plain.tags == ()
+    assert plain.provenance == Provenance(None, "uid:1", None, (), "")
+    for broken in ({**wire, "provenance": None}, {k: v for k, v in wire.items() if k != "id"}, []):
+        with pytest.raises(BadRequest):
+            item_from_wire(broken)
+
+
+def test_search_hits_build_their_items_on_first_access() -> None:
+    import copy
+    import dataclasses
+    import pickle
+
+    from memosd.client import Hit, _hits, item_from_wire
+    from memosd.memcube.model import MemoryItem, Provenance, Usage
+
+    item = MemoryItem(
+        id="01M80PSCB9NQEF9VE49P0A27P0",
+        cube="c",
+        version=1,
+        form="plaintext",
+        tier="short",
+        status="active",
+        text="t",
+        metadata={},
+        payload=None,
+        created_us=1,
+        recorded_us=1,
+        valid_from_us=None,
+        valid_to_us=None,
+        provenance=Provenance(None, "uid:1", None, (), "add"),
+        usage=Usage(2, 3, 0.5),
+        tags=(),
+        importance=0.5,
+        ttl_s=None,
+    )
+    wire = msgpack.unpackb(
+        msgpack.packb([{"item": item_to_wire(item), "score": 1, "components": {"dense": 1}}])
+    )
+
+    def hit() -> Hit:
+        return _hits(wire)[0]
+
+    plain = Hit(item, 1.0, {"dense": 1.0})
+    assert hit() == plain
+    assert plain == hit()
+    assert repr(hit()) == repr(plain)
+    assert isinstance(hit(), Hit)
+    lazy = hit()
+    assert lazy.item is lazy.item
+    assert lazy.item == item_from_wire(wire[0]["item"])
+    assert dataclasses.asdict(hit()) == dataclasses.asdict(plain)
+    assert dataclasses.replace(hit(), score=2.0) == Hit(item, 2.0, {"dense": 1.0})
+    for copied in (pickle.loads(pickle.dumps(hit())), copy.copy(hit()), copy.deepcopy(hit())):
+        assert copied == plain
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lazy.item = item  # type: ignore[misc]
+    # A broken item map: BadRequest when the item is read (its type at once).
+    broken = _hits([{"item": {"id": 1}, "score": 1}])[0]
+    with pytest.raises(BadRequest):
+        _ = broken.item
+    with pytest.raises(BadRequest):
+        _hits([{"item": [], "score": 1}])

@@ -409,13 +409,13 @@ def _spy_candidates(svc: SearchService, cube_name: str) -> list[tuple[str, int]]
     asked: list[tuple[str, int]] = []
     dense, lexical = cube.search_dense, cube.search_lexical
 
-    def search_dense(query: Any, n: int) -> list[tuple[str, float]]:
+    def search_dense(query: Any, n: int, *, blocking: bool = True) -> list[tuple[str, float]]:
         asked.append(("dense", n))
-        return dense(query, n)
+        return dense(query, n, blocking=blocking)
 
-    def search_lexical(terms: Any, n: int) -> list[tuple[str, float]]:
+    def search_lexical(terms: Any, n: int, *, blocking: bool = True) -> list[tuple[str, float]]:
         asked.append(("lexical", n))
-        return lexical(terms, n)
+        return lexical(terms, n, blocking=blocking)
 
     cube.search_dense = search_dense  # type: ignore[method-assign]
     cube.search_lexical = search_lexical  # type: ignore[method-assign]
@@ -470,3 +470,102 @@ def test_cubes_with_sessions_keep_all_candidates_for_smoothing(
     assert [h.item.id for h in hits] == [full[0].item.id]
     assert "neighbour" in hits[0].components or "neighbour" in full[1].components
     svc.close()
+
+
+# --- searches on the daemon's event loop (try_search_inline) -----------------------------
+
+
+def _same(a: list[Any], b: list[Any]) -> None:
+    assert [(h.item.id, h.score, h.components) for h in a] == [
+        (h.item.id, h.score, h.components) for h in b
+    ]
+
+
+@pytest.fixture
+def roomy(engine: Engine, tmp_path: Path, embedder: HashingEmbedder) -> Iterator[SearchService]:
+    """A service whose inline budget (0.1 s) no search here exceeds, however loaded the box."""
+    settings = IndexSettings(snapshot_interval_s=0, batch_wait_s=0.001, inline_search_us=100_000)
+    svc = SearchService(engine, tmp_path / "data", embedder=embedder, settings=settings)
+    svc.start()
+    assert svc.wait_ready(10)
+    engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
+    yield svc
+    svc.close()
+
+
+def test_inline_search_gives_the_threaded_results(engine: Engine, roomy: SearchService) -> None:
+    service = roomy
+    for i in range(30):
+        engine.add("notes", f"note {i} about {'berlin' if i % 3 else 'paris'} and coffee {i % 7}")
+    engine.add("notes", "walk", session="s1")
+    lsn = engine.applied_lsn
+    filters = SearchFilters(tiers=("short", "long"))
+    for mode in ("hybrid", "dense", "lexical"):
+        for query, kwargs in (("berlin coffee", {}), ("paris", {"k": 3, "filters": filters})):
+            # Never inline before a search of this kind was measured.
+            assert service.try_search_inline(["notes"], query, mode=mode, **kwargs) is None
+            threaded = service.search(["notes"], query, mode=mode, wait_for_lsn=lsn, **kwargs)
+            inline = service.try_search_inline(
+                ["notes"], query, mode=mode, wait_for_lsn=lsn, **kwargs
+            )
+            assert inline is not None, (mode, query)
+            _same(inline, threaded)
+            again = service.search(["notes"], query, mode=mode, **kwargs)
+            _same(again, threaded)
+    # The same errors as the threaded path.
+    with pytest.raises(BadRequest):
+        service.try_search_inline(["notes"], "x", mode="fuzzy")
+    engine.create_cube("empty", owner="uid:1", config=service.cube_config())
+    service.search(["empty"], "berlin")
+    engine.drop_cube("empty")
+    with pytest.raises(NotFound):
+        service.try_search_inline(["empty"], "berlin")
+
+
+def test_inline_search_is_refused_when_it_would_wait_or_cost_too_much(
+    engine: Engine, tmp_path: Path, roomy: SearchService, embedder: HashingEmbedder
+) -> None:
+    svc = roomy
+    engine.add("notes", "berlin coffee")
+    lsn = engine.applied_lsn
+    svc.search(["notes"], "berlin", wait_for_lsn=lsn, mode="dense")
+    assert svc.try_search_inline(["notes"], "berlin", mode="dense") is not None
+    # Not indexed yet: the search would wait for the indexer.
+    assert svc.try_search_inline(["notes"], "berlin", wait_for_lsn=lsn + 10) is None
+    # A history filter scans the cube: always a thread.
+    past = SearchFilters(as_of_us=engine.get_cube("notes").created_us)
+    assert svc.try_search_inline(["notes"], "berlin", mode="dense", filters=past) is None
+    # A held index lock (the indexer applying a batch): never wait for it.
+    cube = svc.indexer.cube("notes")
+    assert cube is not None
+    assert cube.dense is not None
+    with cube.dense._lock:
+        assert svc.try_search_inline(["notes"], "berlin", mode="dense") is None
+    with cube.lock:
+        assert svc.try_search_inline(["notes"], "berlin", mode="lexical") is None
+    # An uncached query whose embedding is too slow (or not measured) stays off the loop.
+    svc.queries.embed_cost_s = None
+    assert svc.try_search_inline(["notes"], "a new query", mode="dense") is None
+    svc.queries.embed_cost_s = 1.0
+    assert svc.try_search_inline(["notes"], "another query", mode="dense") is None
+    svc.queries.embed_cost_s = 1e-6
+    assert svc.try_search_inline(["notes"], "a cheap query", mode="dense") is not None
+    # Estimated over the budget.
+    for key in svc._costs:
+        svc._costs[key] = 1.0
+    assert svc.try_search_inline(["notes"], "berlin", mode="dense") is None
+    off = SearchService(
+        engine,
+        tmp_path / "data2",
+        embedder=embedder,
+        settings=IndexSettings(snapshot_interval_s=0, inline_search_us=0),
+    )
+    off.start()
+    try:
+        assert off.wait_ready(10)
+        off.search(["notes"], "berlin", wait_for_lsn=engine.applied_lsn)
+        assert off.try_search_inline(["notes"], "berlin") is None
+    finally:
+        off.close()
+    with pytest.raises(BadRequest):
+        IndexSettings(inline_search_us=-1)

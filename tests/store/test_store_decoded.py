@@ -41,3 +41,38 @@ def test_concurrent_inserts_stay_within_capacity() -> None:
     for t in threads:
         t.join()
     assert len(cache) == 64
+
+
+def test_merging_a_usage_record_is_dataclasses_replace() -> None:
+    from dataclasses import replace
+
+    from memosd.memcube.model import MemoryItem, Provenance, Usage
+    from memosd.store.view import _replace_usage
+
+    item = MemoryItem(
+        id="01M80PSCB9NQEF9VE49P0A27P0",
+        cube="c",
+        version=3,
+        form="plaintext",
+        tier="mid",
+        status="active",
+        text="t",
+        metadata={"a": 1},
+        payload=None,
+        created_us=1,
+        recorded_us=2,
+        valid_from_us=3,
+        valid_to_us=None,
+        provenance=Provenance("s", "uid:1", "sess", (("01M80PSCB9NQEF9VE49P0A27P0", 2),), "update"),
+        usage=Usage(),
+        tags=("x",),
+        importance=0.5,
+        ttl_s=10,
+    )
+    merged = _replace_usage(item, Usage(4, 5, 0.25))
+    assert merged == replace(item, usage=Usage(4, 5, 0.25))
+    assert repr(merged) == repr(replace(item, usage=Usage(4, 5, 0.25)))
+    assert item.usage == Usage()  # the decoded base is untouched
+    assert _replace_usage(item, None) == replace(item, usage=Usage())
+    with pytest.raises(AttributeError):
+        merged.usage = Usage()  # type: ignore[misc]
