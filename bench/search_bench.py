@@ -282,8 +282,8 @@ def bench_memory(n: int) -> None:
     chunk = 256
 
     def corpus_chunks() -> Any:
-        for start in range(0, n, 65_536):
-            yield start, clustered(min(65_536, n - start), 1_000_003 + start, centres)
+        for start in range(0, n, 16_384):
+            yield start, clustered(min(16_384, n - start), 1_000_003 + start, centres)
 
     ids = MonotonicIdFactory()
     traced = bool(os.environ.get("MEMOSD_BENCH_TRACEMALLOC"))

@@ -7,7 +7,8 @@ Layout under ``<data_dir>/index/``::
     <cube>/<gen>.labels.npy   int64 labels, one per indexed item (numpy .npy, no pickle)
     <cube>/<gen>.items.msgpack {"ids": [item id...], "versions": [int...], "next_label": int}
                               (row-aligned with labels.npy)
-    <cube>/<gen>.bm25.msgpack BM25Index.to_state()
+    <cube>/<gen>.bm25.msgpack BM25Index.to_state() (packed arrays since 2026-12; the
+                              per-document term lists written before are still read)
 
 ``body`` is the msgpack map::
 
