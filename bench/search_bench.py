@@ -319,10 +319,15 @@ def bench_memory(n: int) -> None:
             out.append(time.perf_counter() - t)
         return out
 
-    found: list[set[str]] = []
-    for qi in range(QUERIES):  # warm-up (builds the BM25 caches) and the dense answers
+    # Warm-up (builds the BM25 caches) and the dense answers, as corpus rows in a numpy
+    # array (label - 1: labels are handed out in feed order): no Python objects kept
+    # across the teardown below, which would pin freed memory.
+    found_rows = np.zeros((QUERIES, K), dtype=np.int64)
+    for qi in range(QUERIES):
         cube.search_lexical(lexical[qi], settings.candidates)
-        found.append({item for item, _ in cube.search_dense(queries[qi], K)})
+        got = [cube.by_item[item][0] - 1 for item, _ in cube.search_dense(queries[qi], K)]
+        found_rows[qi, : len(got)] = got
+    del got
     lat = {
         "cube dense (k=10)": timed(lambda qi, c=cube: c.search_dense(queries[qi], K)),
         f"cube dense (n={settings.candidates})": timed(
@@ -341,9 +346,6 @@ def bench_memory(n: int) -> None:
         by_file = [(str(st.traceback[0].filename), st.size) for st in stats[:8]]
     parts = faiss_bytes(cube.dense._index)
     kind = cube.dense.kind
-    label_row = {item: label - 1 for item, label in _labels(cube).items()}
-    found_rows = [{label_row[item] for item in got} for got in found]
-    del label_row
     shares: dict[str, float] = {}
     before = trimmed_rss()
     cube.dense = None
@@ -369,7 +371,12 @@ def bench_memory(n: int) -> None:
         best = np.take_along_axis(cand, keep, axis=1)
         best_rows = np.take_along_axis(cand_rows, keep, axis=1)
     recall = float(
-        np.mean([len(found_rows[qi] & set(best_rows[qi].tolist())) / K for qi in range(QUERIES)])
+        np.mean(
+            [
+                len(set(found_rows[qi].tolist()) & set(best_rows[qi].tolist())) / K
+                for qi in range(QUERIES)
+            ]
+        )
     )
     print(f"## memory, {n} items ({kind}); fed in {fed_s:.0f} s, HNSW ready at {built_s:.0f} s")
     print(
@@ -398,11 +405,6 @@ def bench_memory(n: int) -> None:
         p50, p99 = percentiles(samples)
         print(f"| {name} | {p50:.2f} | {p99:.2f} |")
     print(f"\ndense recall@10 vs exact: {recall:.3f}")
-
-
-def _labels(cube: Any) -> dict[str, int]:
-    """Item id -> label of every indexed item."""
-    return {item: entry[0] for item, entry in cube.by_item.items()}
 
 
 def bench_embedded(rows: list[dict[str, Any]], n: int = 2000) -> None:

@@ -12,6 +12,7 @@ search still works, dense search raises ``BadRequest(reason="embedding_mismatch"
 from __future__ import annotations
 
 import bisect
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -147,6 +148,7 @@ class CubeIndex:
                 del self.sessions[current]
             del self.session_of[item_id]
         if session is not None:
+            session = sys.intern(session)  # one string per session, not one per item
             bisect.insort(self.sessions.setdefault(session, []), item_id)
             self.session_of[item_id] = session
 
