@@ -120,8 +120,9 @@ class BM25Index:
       its length out of the totals: its posting entries stay and score 0
       (their weights are zeroed) until a compaction drops them; document
       frequencies count live entries only, so scores equal the formula;
-    * per queried term, the BM25 term weights without idf are cached for the
-      current collection statistics (``_weights``), as before.
+    * per queried term, its live slots and idf-weighted BM25 term weights are
+      cached for the current collection statistics (``_weights``; any write
+      or merge drops the whole cache, so it holds only terms queried since).
 
     Scoring a query is one ``np.add.at`` per query term into a score buffer
     kept between searches, then a top-k selection that looks at the few
@@ -151,8 +152,10 @@ class BM25Index:
         self._tail_slots = array("i")
         self._tail_tfs = array("i")
         self._generation = 0  # bumped when packed positions or slots change
-        # term id -> (stamp, slots, weights, df) for the current statistics
-        self._weights: dict[int, tuple[tuple[int, ...], Any, Any, int]] = {}
+        # term id -> (slots, weights, df), all for the statistics in _weights_stamp
+        # (dropped wholesale when they change, so no stale arrays are kept)
+        self._weights: dict[int, tuple[Any, Any, int]] = {}
+        self._weights_stamp: tuple[int, ...] = ()
         self._buffer = np.zeros(0, dtype=np.float32)
 
     def __len__(self) -> int:
@@ -278,7 +281,7 @@ class BM25Index:
         live = live[np.argsort(self._labels[live], kind="stable")]
         new_of = np.full(used, -1, dtype=np.int64)
         new_of[live] = np.arange(len(live))
-        n_terms = len(self._terms)
+        n_terms = len(self._start) - 1  # == len(self._terms) once the tail is merged
         term_of = np.repeat(np.arange(n_terms, dtype=np.int64), np.diff(self._start))
         keep = self._alive[self._slots] if len(self._slots) else np.zeros(0, dtype=bool)
         term_of = term_of[keep]
@@ -289,8 +292,6 @@ class BM25Index:
         # Forget terms no live document holds any more.
         counts = np.bincount(term_of, minlength=n_terms)
         used_terms = np.flatnonzero(counts)
-        term_map = np.full(n_terms, -1, dtype=np.int64)
-        term_map[used_terms] = np.arange(len(used_terms))
         self._terms = [self._terms[i] for i in used_terms.tolist()]
         self._term_ids = {term: i for i, term in enumerate(self._terms)}
         start = np.zeros(len(used_terms) + 1, dtype=np.int64)
@@ -353,9 +354,12 @@ class BM25Index:
             self._generation,
             self._next_slot,
         )
+        if stamp != self._weights_stamp:
+            self._weights = {}
+            self._weights_stamp = stamp
         cached = self._weights.get(tid)
-        if cached is not None and cached[0] == stamp:
-            return (cached[1], cached[2]) if cached[3] else None
+        if cached is not None:
+            return (cached[0], cached[1]) if cached[2] else None
         slots, tfs = self._term_slots_tfs(tid)
         alive = self._alive[slots]
         df = int(np.count_nonzero(alive))
@@ -372,7 +376,7 @@ class BM25Index:
             weights = (np.float32(idf) * weights).astype(np.float32, copy=False)
         else:
             weights = np.zeros(0, dtype=np.float32)
-        self._weights[tid] = (stamp, slots, weights, df)
+        self._weights[tid] = (slots, weights, df)
         return (slots, weights) if df else None
 
     def _score_buffer(self, query_terms: Iterable[str]) -> npt.NDArray[np.float32] | None:
