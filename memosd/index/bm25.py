@@ -365,6 +365,7 @@ class BM25Index:
         df = int(np.count_nonzero(alive))
         if df < len(slots):
             slots, tfs = slots[alive], tfs[alive]
+        weights: npt.NDArray[np.float32]
         if df:
             n = self._count
             idf = math.log(1.0 + (n - df + 0.5) / (df + 0.5))
@@ -372,8 +373,8 @@ class BM25Index:
             k1, b = self.k1, self.b
             lens = self._lengths[slots]
             norm = np.float32(k1 * (1.0 - b)) + np.float32(k1 * b / avgdl) * lens
-            weights = tfs * np.float32(k1 + 1.0) / (tfs + norm)
-            weights = (np.float32(idf) * weights).astype(np.float32, copy=False)
+            raw = tfs * np.float32(k1 + 1.0) / (tfs + norm)
+            weights = (np.float32(idf) * raw).astype(np.float32, copy=False)
         else:
             weights = np.zeros(0, dtype=np.float32)
         self._weights[tid] = (slots, weights, df)

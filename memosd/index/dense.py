@@ -216,8 +216,11 @@ class DenseIndex:
     def _new_hnsw(self) -> Any:
         inner: Any
         if self.storage == "float16":
-            inner = faiss.IndexHNSWSQ(
-                self.dim, faiss.ScalarQuantizer.QT_fp16, self.hnsw_m, faiss.METRIC_INNER_PRODUCT
+            inner = faiss.IndexHNSWSQ(  # the stubs say ScalarQuantizer; faiss takes the qtype
+                self.dim,
+                faiss.ScalarQuantizer.QT_fp16,  # type: ignore[arg-type]
+                self.hnsw_m,
+                faiss.METRIC_INNER_PRODUCT,
             )
         else:
             inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
