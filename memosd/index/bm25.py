@@ -207,15 +207,14 @@ class BM25Index:
         self._total_length += length
         self._count += 1
         term_ids = self._term_ids
-        tids, slots, tfs = self._tail_tids, self._tail_slots, self._tail_tfs
-        for term, tf in counts.items():
-            tid = term_ids.get(term)
-            if tid is None:
-                tid = term_ids[term] = len(self._terms)
+        for term in counts:
+            if term not in term_ids:
+                term_ids[term] = len(self._terms)
                 self._terms.append(term)
-            tids.append(tid)
-            slots.append(slot)
-            tfs.append(tf)
+        tids = self._tail_tids
+        tids.extend(map(term_ids.__getitem__, counts))
+        self._tail_slots.extend([slot] * len(counts))
+        self._tail_tfs.extend(counts.values())
         if len(tids) > max(_MERGE_MIN, len(self._slots) // _MERGE_DIVISOR):
             self._merge()
         elif len(self._extra) > max(_COMPACT_MIN, self._next_slot // 4):
