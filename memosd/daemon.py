@@ -268,6 +268,7 @@ def open_search(settings: Settings, engine: Any, plugins: PluginRuntime | None =
         settings=IndexSettings(
             hnsw_threshold=ix.hnsw_threshold,
             ef_search=ix.ef_search,
+            vector_storage=ix.vector_storage,
             fusion=ix.fusion,
             neighbour_weight=ix.neighbour_weight,
             embed_workers=ix.embed_workers,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -158,6 +159,7 @@ class CubeIndex:
                 del self.sessions[current]
             del self.session_of[item_id]
         if session is not None:
+            session = sys.intern(session)  # one string per session, not one per item
             bisect.insort(self.sessions.setdefault(session, []), item_id)
             self.session_of[item_id] = session
 

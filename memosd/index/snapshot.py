@@ -7,7 +7,8 @@ Layout under ``<data_dir>/index/``::
     <cube>/<gen>.labels.npy   int64 labels, one per indexed item (numpy .npy, no pickle)
     <cube>/<gen>.items.msgpack {"ids": [item id...], "versions": [int...], "next_label": int}
                               (row-aligned with labels.npy)
-    <cube>/<gen>.bm25.msgpack BM25Index.to_state()
+    <cube>/<gen>.bm25.msgpack BM25Index.to_state() (packed arrays since 2026-12; the
+                              per-document term lists written before are still read)
 
 ``body`` is the msgpack map::
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -245,10 +247,11 @@ def _load_cube(
     cube.next_label = int(items["next_label"])
     sessions = items.get("sessions")  # absent in snapshots of older releases
     if sessions is not None:
-        for item_id, session in zip(items["ids"], sessions, strict=True):
-            if session is not None:
-                cube.session_of[str(item_id)] = str(session)
-                cube.sessions.setdefault(str(session), []).append(str(item_id))
+        for item_id, raw in zip(items["ids"], sessions, strict=True):
+            if raw is not None:
+                session = sys.intern(str(raw))  # one string per session, not one per item
+                cube.session_of[str(item_id)] = session
+                cube.sessions.setdefault(session, []).append(str(item_id))
         for members in cube.sessions.values():
             members.sort()
     cube.dirty = False

@@ -7,6 +7,7 @@ import random
 from collections import Counter
 from itertools import pairwise
 
+import msgpack
 import pytest
 
 from memosd.index import bm25
@@ -174,3 +175,82 @@ def test_stays_in_step_with_adds_updates_deletes_and_reload(
         query = [rng.choice(_VOCAB) for _ in range(rng.randint(1, 3))]
         _check_search(copy, docs, query, 10)
         assert copy.search(query, 10) == index.search(query, 10)
+
+
+# --- the packed layout: merges, compactions, out-of-order labels, states ---------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_layout_merges_and_compactions_keep_the_formula(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With tiny merge/compaction thresholds every write path folds the tail into the
+    packed arrays or renumbers slots often; rankings, idf and membership stay exact,
+    and a msgpack round trip of the state (mid-tail) reloads the same index."""
+    monkeypatch.setattr(bm25, "_SAMPLED_TOP", 64)
+    monkeypatch.setattr(bm25, "_SAMPLE", 16)
+    monkeypatch.setattr(bm25, "_MERGE_MIN", 5 + seed * 7)
+    monkeypatch.setattr(bm25, "_MERGE_DIVISOR", 2)
+    monkeypatch.setattr(bm25, "_COMPACT_MIN", 3 + seed)
+    rng = random.Random(500 + seed)
+    index = BM25Index(k1=1.2, b=0.75)
+    docs: dict[int, list[str]] = {}
+    next_label = 1
+    for step in range(700):
+        op = rng.random()
+        if op < 0.5 or not docs:
+            label = next_label if rng.random() < 0.9 else rng.randint(-50, next_label + 50)
+            next_label += 1
+            docs[label] = _random_doc(rng)
+            index.add_terms(label, Counter(docs[label]))
+        elif op < 0.7:  # in-place update (an out-of-order label for the slot arrays)
+            label = rng.choice(list(docs))
+            docs[label] = _random_doc(rng)
+            index.add(label, " ".join(docs[label]))
+        else:
+            label = rng.choice(list(docs))
+            del docs[label]
+            assert index.remove(label)
+            assert label not in index
+            assert not index.remove(label)
+        if step % 5 == 0 and docs:
+            query = [rng.choice(_VOCAB) for _ in range(rng.randint(1, 3))]
+            _check_search(index, docs, query, rng.choice([3, 10, 50]))
+            term = rng.choice(_VOCAB)
+            df = sum(1 for terms in docs.values() if term in terms)
+            assert index.idf(term) == pytest.approx(_idf(len(docs), df))
+        if step % 97 == 0:
+            state = msgpack.unpackb(
+                msgpack.packb(index.to_state(), use_bin_type=True),
+                raw=False,
+                strict_map_key=False,
+            )
+            index = BM25Index.from_state(state)
+    assert len(index) == len(docs)
+    assert all(label in index for label in docs)
+
+
+def test_reads_the_per_document_state_of_earlier_releases() -> None:
+    docs = {3: ["alpha", "beta", "beta"], 1: ["beta", "gamma"], 7: ["delta"]}
+    old_state = {
+        "k1": 1.2,
+        "b": 0.75,
+        "labels": list(docs),
+        "terms": [list(Counter(terms).items()) for terms in docs.values()],
+    }
+    index = BM25Index.from_state(old_state)
+    assert len(index) == 3
+    for query in (["beta"], ["alpha", "gamma"], ["delta", "beta"]):
+        _check_search(index, docs, query, 10)
+    assert index.to_state()["format"] == bm25.STATE_FORMAT
+
+
+def test_rejects_an_inconsistent_state() -> None:
+    index = BM25Index()
+    index.add(1, "alpha beta")
+    state = index.to_state()
+    state["slots"] = state["slots"][:-4]
+    with pytest.raises(ValueError, match="disagree"):
+        BM25Index.from_state(state)
+    with pytest.raises(ValueError, match="format"):
+        BM25Index.from_state({**index.to_state(), "format": 99})

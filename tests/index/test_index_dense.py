@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -24,10 +25,19 @@ def _exact(x: np.ndarray, live: np.ndarray, q: np.ndarray, k: int) -> set[int]:
     return {int(live[i]) for i in np.argsort(-sims)[:k]}
 
 
-def test_flat_to_hnsw_switch_keeps_recall() -> None:
+STORAGES = ["float16", "float32"]
+
+
+def _tol(storage: str) -> float:
+    """Similarity tolerance of stored vectors (float16 components: ~1e-3 relative)."""
+    return 1e-5 if storage == "float32" else 2e-3
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_flat_to_hnsw_switch_keeps_recall(storage: str) -> None:
     dim, n = 32, 6000
     x = _clustered(n, dim)
-    index = DenseIndex(dim, hnsw_threshold=3000, ef_search=192, background=True)
+    index = DenseIndex(dim, hnsw_threshold=3000, ef_search=192, background=True, storage=storage)
     index.add(range(2000), x[:2000])
     assert index.kind == "flat"
     index.add(range(2000, 4000), x[2000:4000])  # crosses the threshold: background build
@@ -47,16 +57,19 @@ def test_flat_to_hnsw_switch_keeps_recall() -> None:
     assert np.mean(recall) >= 0.95
 
 
-def test_flat_search_is_exact_and_removal_is_real() -> None:
+@pytest.mark.parametrize("storage", STORAGES)
+def test_flat_search_is_exact_and_removal_is_real(storage: str) -> None:
     x = _clustered(500, 16)
-    index = DenseIndex(16)
+    index = DenseIndex(16, storage=storage)
     index.add(range(500), x)
-    assert index.search(x[7], 1) == [(7, pytest.approx(1.0, abs=1e-5))]
+    assert index.search(x[7], 1) == [(7, pytest.approx(1.0, abs=_tol(storage)))]
+    # Exact over the stored vectors: the same top 10 as brute force.
+    assert {label for label, _ in index.search(x[9], 10)} == _exact(x, np.arange(500), x[9], 10)
     index.remove([7])
     assert 7 not in {label for label, _ in index.search(x[7], 5)}
     assert index.tombstones == 0
     index.add([7], x[8:9])  # a label may come back with another vector
-    assert index.search(x[8], 2)[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert index.search(x[8], 2)[0][1] == pytest.approx(1.0, abs=_tol(storage))
 
 
 def test_dimension_mismatch_is_a_bad_request() -> None:
@@ -68,9 +81,12 @@ def test_dimension_mismatch_is_a_bad_request() -> None:
         index.search(np.zeros(8, dtype=np.float32), 3)
 
 
-def test_tombstones_trigger_a_fresh_graph(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", STORAGES)
+def test_tombstones_trigger_a_fresh_graph(tmp_path: Path, storage: str) -> None:
     x = _clustered(1200, 16)
-    index = DenseIndex(16, hnsw_threshold=1000, rebuild_ratio=0.2, background=False)
+    index = DenseIndex(
+        16, hnsw_threshold=1000, rebuild_ratio=0.2, background=False, storage=storage
+    )
     index.add(range(1200), x)
     assert (index.kind, index.builds) == ("hnsw", 1)
     index.remove(range(200))
@@ -82,3 +98,33 @@ def test_tombstones_trigger_a_fresh_graph(tmp_path: Path) -> None:
     loaded = DenseIndex.load(path, index.live_labels(), hnsw_threshold=1000)
     assert loaded.kind == "hnsw"
     assert loaded.search(x[500], 3) == index.search(x[500], 3)
+
+
+def test_a_float32_snapshot_loads_into_a_float16_index_and_rebuilds_as_float16(
+    tmp_path: Path,
+) -> None:
+    """Snapshots written before float16 storage (IndexHNSWFlat) still load; the next
+    rebuild stores the configured float16."""
+    x = _clustered(1200, 16)
+    old = DenseIndex(
+        16, hnsw_threshold=1000, rebuild_ratio=0.2, background=False, storage="float32"
+    )
+    old.add(range(1200), x)
+    path = str(tmp_path / "old.faiss")
+    old.write(path)
+    loaded = DenseIndex.load(
+        path, old.live_labels(), hnsw_threshold=1000, rebuild_ratio=0.2, background=False
+    )
+    assert (loaded.kind, loaded.storage) == ("hnsw", "float16")
+    assert loaded.search(x[500], 3) == old.search(x[500], 3)
+    loaded.remove(range(300))  # past the ratio: a fresh graph, now float16
+    assert loaded.builds == 1
+    assert "SQ" in type(faiss.downcast_index(loaded._index.index)).__name__
+    got = loaded.search(x[500], 1)
+    assert got[0][0] == 500
+    assert got[0][1] == pytest.approx(1.0, abs=2e-3)
+
+
+def test_unknown_storage_is_refused() -> None:
+    with pytest.raises(ValueError, match="storage"):
+        DenseIndex(16, storage="int8")

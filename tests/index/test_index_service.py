@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from memosd.embed import HashingEmbedder
@@ -569,3 +570,57 @@ def test_inline_search_is_refused_when_it_would_wait_or_cost_too_much(
         off.close()
     with pytest.raises(BadRequest):
         IndexSettings(inline_search_us=-1)
+
+
+def test_snapshot_with_the_earlier_bm25_layout_loads_without_rebuilding(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A snapshot whose BM25 file holds the per-label term counts written before the
+    packed layout (2026-12-03) still loads: nothing is re-embedded, lexical search works."""
+    import hashlib
+    from collections import Counter
+
+    import msgpack
+
+    from memosd.index.bm25 import tokenize
+
+    data = tmp_path / "data"
+    svc = SearchService(engine, data, embedder=HashingEmbedder(64), settings=SETTINGS)
+    svc.start()
+    engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
+    texts = [f"note {i} about penguin{i % 5} and glacier{i % 3}" for i in range(30)]
+    for text in texts:
+        engine.add("notes", text)
+    svc.wait_indexed(engine.applied_lsn, 10)
+    svc.close()
+    root = data / "index"
+    body, _ = msgpack.unpackb((root / "MANIFEST").read_bytes(), raw=False)
+    manifest = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    entry = manifest["cubes"]["notes"]
+    gen = entry["gen"]
+    cube_dir = root / "notes"
+    labels = [int(x) for x in np.load(cube_dir / f"{gen}.labels.npy", allow_pickle=False)]
+    ids = msgpack.unpackb((cube_dir / f"{gen}.items.msgpack").read_bytes(), raw=False)["ids"]
+    text_of = {item.id: item.text for item in engine.list_items("notes", limit=100)}
+    old_state = {
+        "k1": 1.2,
+        "b": 0.75,
+        "labels": labels,
+        "terms": [list(Counter(tokenize(text_of[i])).items()) for i in ids],
+    }
+    bm25_file = cube_dir / f"{gen}.bm25.msgpack"
+    bm25_file.write_bytes(msgpack.packb(old_state, use_bin_type=True))
+    entry["files"][bm25_file.name] = hashlib.sha256(bm25_file.read_bytes()).hexdigest()
+    body = msgpack.packb(manifest, use_bin_type=True)
+    (root / "MANIFEST").write_bytes(
+        msgpack.packb([body, hashlib.sha256(body).digest()], use_bin_type=True)
+    )
+
+    again = HashingEmbedder(64)
+    svc2 = SearchService(engine, data, embedder=again, settings=SETTINGS)
+    svc2.start()
+    assert svc2.wait_ready(10)
+    assert again.texts_embedded == 0  # loaded, not rebuilt
+    hits = svc2.search(["notes"], "penguin3 glacier0", mode="lexical", k=3)
+    assert _texts(hits)[0] == "note 3 about penguin3 and glacier0"
+    svc2.close()
