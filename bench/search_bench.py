@@ -62,6 +62,16 @@ WORDS = (  # noqa: SIM905
 ).split()
 
 
+def timed(fn: Any) -> list[float]:
+    """Seconds taken by ``fn(qi)`` for each query index ``qi`` in ``range(QUERIES)``."""
+    out = []
+    for qi in range(QUERIES):
+        t = time.perf_counter()
+        fn(qi)
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def clustered(n: int, seed: int, centres: np.ndarray) -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = centres[rng.integers(0, len(centres), n)]
@@ -165,14 +175,6 @@ def bench_size(n: int, rows: list[dict[str, Any]]) -> None:
             label_to_row[label] = int(item.text.split(" ", 1)[0][1:])
         row_of = np.array([label_to_row[int(x)] for x in labels])
         exact = (docs[row_of] @ queries.T).T
-
-        def timed(fn: Any) -> list[float]:
-            out = []
-            for qi in range(QUERIES):
-                t = time.perf_counter()
-                fn(qi)
-                out.append(time.perf_counter() - t)
-            return out
 
         inner = dense._index  # the same faiss object the service searches
         params: Any = None
@@ -310,14 +312,6 @@ def bench_memory(n: int) -> None:
     lexical = [
         tokenize(" ".join(WORDS[qi % len(WORDS) : qi % len(WORDS) + 3])) for qi in range(QUERIES)
     ]
-
-    def timed(fn: Any) -> list[float]:
-        out = []
-        for qi in range(QUERIES):
-            t = time.perf_counter()
-            fn(qi)
-            out.append(time.perf_counter() - t)
-        return out
 
     # Warm-up (builds the BM25 caches) and the dense answers, as corpus rows in a numpy
     # array (label - 1: labels are handed out in feed order): no Python objects kept

@@ -594,8 +594,7 @@ class Server:
 
     def _pub_wanted(self, topic: bytes) -> bool:
         """Whether a subscription (a topic prefix) matches ``topic``."""
-        topics = self._pub_topics
-        return b"" in topics or topic in topics or any(topic.startswith(t) for t in topics)
+        return any(topic.startswith(t) for t in self._pub_topics)
 
     def _publish(self, event: Any) -> None:
         self.service.on_change(getattr(event, "kind", ""))

@@ -178,9 +178,7 @@ class SearchService:
         explain: bool = False,
     ) -> list[SearchHit]:
         """The best ``k`` hits over ``cubes`` for ``query``, best first (see module doc)."""
-        names = self._validate(cubes, query, k, mode)
-        if filters is not None:
-            validate_filters(filters)
+        names = self._validate(cubes, query, k, mode, filters)
         return self._search(
             names, query, k, filters, boosts, wait_for_lsn, mode, explain, blocking=True
         )
@@ -214,9 +212,7 @@ class SearchService:
         budget = self.settings.inline_search_us / 1e6
         if budget <= 0:
             return None
-        names = self._validate(cubes, query, k, mode)
-        if filters is not None:
-            validate_filters(filters)
+        names = self._validate(cubes, query, k, mode, filters)
         if self.indexer.state != "ready" or needs_history(filters):
             return None
         if wait_for_lsn is not None and self.indexer.indexed_lsn < wait_for_lsn:
@@ -317,7 +313,10 @@ class SearchService:
             costs.clear()
         costs[key] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def _validate(self, cubes: Sequence[str], query: str, k: int, mode: str) -> list[str]:
+    def _validate(
+        self, cubes: Sequence[str], query: str, k: int, mode: str, filters: SearchFilters | None
+    ) -> list[str]:
+        """The deduplicated cube names; BadRequest for any bad argument."""
         if isinstance(cubes, str):
             cubes = [cubes]
         names = list(dict.fromkeys(cubes))
@@ -329,6 +328,8 @@ class SearchService:
             raise BadRequest(f"k must be an int in 1..{self.settings.max_k}, got {k!r}")
         if mode not in MODES:
             raise BadRequest(f"mode must be one of {MODES}, got {mode!r}")
+        if filters is not None:
+            validate_filters(filters)
         return names
 
     def _search_live(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from typing import Any
 
 import msgpack
 import pytest
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memosd.errors import BadRequest, NotFound, TooLarge, error_from_wire
+from memosd.memcube.model import MemoryItem, Provenance, Usage
 from memosd.protocol import (
     PROTOCOL_VERSION,
     Limits,
@@ -152,9 +155,8 @@ def test_arbitrary_msgpack_values_as_header(value: object) -> None:
         decode_request([msgpack.packb(value)], LIMITS)
 
 
-def test_item_to_wire_matches_the_generic_form() -> None:
-    from memosd.memcube.model import MemoryItem, Provenance, Usage
-
+def _item(**changes: Any) -> MemoryItem:
+    """An item with every header field set; ``changes`` replace fields."""
     item = MemoryItem(
         id="01M80PSCB9NQEF9VE49P0A27P0",
         cube="c",
@@ -175,6 +177,11 @@ def test_item_to_wire_matches_the_generic_form() -> None:
         importance=0.25,
         ttl_s=None,
     )
+    return dataclasses.replace(item, **changes)
+
+
+def test_item_to_wire_matches_the_generic_form() -> None:
+    item = _item()
     assert item_to_wire(item) == to_wire(item)
 
 
@@ -183,26 +190,10 @@ def test_the_client_rebuilds_items_exactly() -> None:
     from dataclasses import replace
 
     from memosd.client import item_from_wire
-    from memosd.memcube.model import MemoryItem, Provenance, Usage
 
-    item = MemoryItem(
-        id="01M80PSCB9NQEF9VE49P0A27P0",
-        cube="c",
-        version=2,
-        form="plaintext",
-        tier="mid",
-        status="active",
-        text="t",
-        metadata={"a": [1]},
+    item = _item(
         payload={"p": 1},
-        created_us=1,
-        recorded_us=2,
-        valid_from_us=None,
-        valid_to_us=5,
         provenance=Provenance("src", "uid:1", "s", (("01M80PSCB9NQEF9VE49P0A27P0", 1),), "update"),
-        usage=Usage(3, 4, 0.5),
-        tags=("x", "y"),
-        importance=0.25,
         ttl_s=60,
     )
     wire = msgpack.unpackb(msgpack.packb(item_to_wire(item)))
@@ -226,31 +217,20 @@ def test_the_client_rebuilds_items_exactly() -> None:
 
 def test_search_hits_build_their_items_on_first_access() -> None:
     import copy
-    import dataclasses
     import pickle
 
     from memosd.client import Hit, _hits, item_from_wire
-    from memosd.memcube.model import MemoryItem, Provenance, Usage
 
-    item = MemoryItem(
-        id="01M80PSCB9NQEF9VE49P0A27P0",
-        cube="c",
+    item = _item(
         version=1,
-        form="plaintext",
         tier="short",
-        status="active",
-        text="t",
         metadata={},
-        payload=None,
-        created_us=1,
         recorded_us=1,
-        valid_from_us=None,
         valid_to_us=None,
         provenance=Provenance(None, "uid:1", None, (), "add"),
         usage=Usage(2, 3, 0.5),
         tags=(),
         importance=0.5,
-        ttl_s=None,
     )
     wire = msgpack.unpackb(
         msgpack.packb([{"item": item_to_wire(item), "score": 1, "components": {"dense": 1}}])
