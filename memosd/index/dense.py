@@ -303,7 +303,15 @@ class DenseIndex:
         total = int(self._index.ntotal)
         if total == 0 or k <= 0:
             return []
-        fetch = min(total, k if self._kind == _FLAT else 2 * k + 16)
+        if self._kind == _FLAT:
+            fetch = min(total, k)  # removes are real in a flat index: no tombstones
+        else:
+            # The graph still holds the tombstones of removed labels: ask for
+            # enough to expect k live ones (plus a margin), and more below if
+            # that falls short.  Asking for far more than k would also raise
+            # efSearch, which is what a search costs.
+            dead = min(0.9, (total - len(self._live)) / total)
+            fetch = min(total, int(k / (1.0 - dead)) + 16)
         while True:
             if self._kind == _HNSW:
                 params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]

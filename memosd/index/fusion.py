@@ -32,7 +32,13 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["Boosts", "boost_components", "reciprocal_rank_fusion", "score_fusion"]
+__all__ = [
+    "Boosts",
+    "boost_components",
+    "fuse_scores",
+    "reciprocal_rank_fusion",
+    "score_fusion",
+]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -74,8 +80,27 @@ def score_fusion(
     ``scaling[name]`` is ``"minmax"`` (the default) or ``"max"``.  Lists are
     ``(key, score)`` best first.  Ties keep first appearance.
     """
-    scores: dict[K, float] = {}
-    parts: dict[K, dict[str, float]] = {}
+    ranking, scaled = fuse_scores(lists, weights=weights, scaling=scaling)
+    return [
+        (key, score, {name: values[key] for name, values in scaled.items() if key in values})
+        for key, score in ranking
+    ]
+
+
+def fuse_scores(
+    lists: Mapping[str, Sequence[tuple[K, float]]],
+    *,
+    weights: Mapping[str, float] | None = None,
+    scaling: Mapping[str, str] | None = None,
+) -> tuple[list[tuple[K, float]], dict[str, dict[K, float]]]:
+    """:func:`score_fusion` without a parts dict per key (the search hot path).
+
+    Returns the ``(key, score)`` ranking, best first, and each non-empty list's
+    scaled scores by key (a key listed twice in one list counts once, at its
+    first - best - entry).
+    """
+    totals: dict[K, float] = {}
+    scaled_by: dict[str, dict[K, float]] = {}
     for name, entries in lists.items():
         if not entries:
             continue
@@ -84,14 +109,17 @@ def score_fusion(
         hi = max(values)
         lo = 0.0 if (scaling or {}).get(name, "minmax") == "max" else min(values)
         span = hi - lo
+        scaled: dict[K, float] = {}
         for key, score in entries:
-            scaled = (score - lo) / span if span > 0 else 1.0
-            if key in parts and name in parts[key]:
-                continue
-            parts.setdefault(key, {})[name] = scaled
-            scores[key] = scores.get(key, 0.0) + weight * scaled
-    keyed = sorted(scores, key=lambda key: -scores[key])
-    return [(key, scores[key], parts[key]) for key in keyed]
+            if key not in scaled:
+                scaled[key] = (score - lo) / span if span > 0 else 1.0
+        scaled_by[name] = scaled
+        get = totals.get
+        for key, value in scaled.items():
+            totals[key] = get(key, 0.0) + weight * value
+    # reverse=True keeps a stable sort stable: ties stay in first-appearance order.
+    keyed = sorted(totals, key=totals.__getitem__, reverse=True)
+    return [(key, totals[key]) for key in keyed], scaled_by
 
 
 @dataclass(frozen=True, slots=True)

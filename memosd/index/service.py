@@ -56,8 +56,8 @@ from memosd.index.filters import SearchFilters, matches, needs_history, validate
 from memosd.index.fusion import (
     Boosts,
     boost_components,
+    fuse_scores,
     reciprocal_rank_fusion,
-    score_fusion,
 )
 from memosd.index.indexer import Indexer
 from memosd.index.settings import IndexSettings
@@ -462,78 +462,33 @@ class SearchService:
         fetch: Callable[[list[Key]], list[MemoryItem | None]],
         blocking: bool = True,
     ) -> list[SearchHit]:
-        dense_scores = dict(found.dense)
-        lexical_scores = dict(found.lexical)
-        ranked: list[tuple[Key, float, dict[str, float]]] = []
-        if mode == "hybrid":
-            weights = {"dense": self.settings.dense_weight, "lexical": self.settings.lexical_weight}
-            if self.settings.fusion == "rrf":
-                fused_ranks = reciprocal_rank_fusion(
-                    {
-                        "dense": [key for key, _ in found.dense],
-                        "lexical": [key for key, _ in found.lexical],
-                    },
-                    rrf_k=self.settings.rrf_k,
-                    weights=weights,
-                )
-                for key, score, ranks in fused_ranks:
-                    components = {"rrf": score}
-                    if explain:
-                        components.update({f"{n}_rank": float(r) for n, r in ranks.items()})
-                    ranked.append((key, score, components))
-            else:
-                fused = score_fusion(
-                    {"dense": found.dense, "lexical": found.lexical},
-                    weights=weights,
-                    scaling={"dense": "minmax", "lexical": "max"},
-                )
-                for key, score, scaled in fused:
-                    components = {"fused": score}
-                    if explain:
-                        components.update({f"{n}_scaled": v for n, v in scaled.items()})
-                    ranked.append((key, score, components))
-            for key, _, components in ranked:
-                if key in dense_scores:
-                    components["dense"] = dense_scores[key]
-                if key in lexical_scores:
-                    components["lexical"] = lexical_scores[key]
-            if explain:
-                for rank_name, source in (
-                    ("dense_rank", found.dense),
-                    ("lexical_rank", found.lexical),
-                ):
-                    positions = {key: i for i, (key, _) in enumerate(source, start=1)}
-                    for key, _, components in ranked:
-                        if key in positions:
-                            components[rank_name] = float(positions[key])
-        else:
-            source = found.dense if mode == "dense" else found.lexical
-            name = "dense" if mode == "dense" else "lexical"
-            for rank, (key, score) in enumerate(source, start=1):
-                components = {name: score}
-                if explain:
-                    components[f"{name}_rank"] = float(rank)
-                ranked.append((key, score, components))
-
+        ranked, components_of = self._rank(found, mode=mode, explain=explain)
+        bonus: dict[Key, float] = {}
         if self.settings.neighbour_weight > 0 and ranked:
-            ranked = self._smooth_by_neighbours(ranked, explain=explain, blocking=blocking)
+            ranked, bonus = self._smooth_by_neighbours(ranked, blocking=blocking)
         boosting = boosts is not None and boosts.active
         now_us = time.time_ns() // 1000
         if boosts is not None and boosts.now_us is not None:
             now_us = boosts.now_us
         hits: list[SearchHit] = []
         # Read items in chunks (one engine read each when the engine has get_many):
-        # without boosts only until k pass the filters.
+        # without boosts only until k pass the filters.  A candidate's score
+        # components are built only once it is a hit.
         chunk = max(1, len(ranked) if boosting else k)
         start = 0
         while start < len(ranked):
             part = ranked[start : start + chunk]
             start += len(part)
             items = fetch([key for key, _, _ in part])
-            for (_, base, components), item in zip(part, items, strict=True):
+            for (key, base, fused), item in zip(part, items, strict=True):
                 if item is None or not matches(item, filters):
                     continue
                 score = base
+                components = components_of(key, fused)
+                if key in bonus:
+                    components["neighbour"] = bonus[key]
+                    if explain:
+                        components["before_neighbour"] = fused
                 if boosting:
                     assert boosts is not None
                     extra = boost_components(
@@ -556,21 +511,95 @@ class SearchService:
             hits.sort(key=lambda h: -h.score)
         return hits[:k]
 
+    def _rank(
+        self, found: _Candidates, *, mode: str, explain: bool
+    ) -> tuple[list[tuple[Key, float, float]], Callable[[Key, float], dict[str, float]]]:
+        """The candidates as ``(key, score, fused score)`` best first (score and
+        fused score are equal until neighbour smoothing), and a function giving
+        a candidate's score components (built per hit, not per candidate)."""
+        positions: dict[str, dict[Key, int]] = {}
+
+        def rank_in(name: str) -> dict[Key, int]:  # explain only: computed once, on demand
+            if name not in positions:
+                source = found.dense if name == "dense" else found.lexical
+                positions[name] = {key: i for i, (key, _) in enumerate(source, start=1)}
+            return positions[name]
+
+        if mode != "hybrid":
+            name = "dense" if mode == "dense" else "lexical"
+            source = found.dense if mode == "dense" else found.lexical
+
+            def single(key: Key, fused: float) -> dict[str, float]:
+                components = {name: fused}
+                if explain:
+                    components[f"{name}_rank"] = float(rank_in(name)[key])
+                return components
+
+            return [(key, score, score) for key, score in source], single
+
+        weights = {"dense": self.settings.dense_weight, "lexical": self.settings.lexical_weight}
+        extra: dict[Key, dict[str, float]] = {}  # explain only: per-list fusion inputs
+        if self.settings.fusion == "rrf":
+            fused_name = "rrf"
+            fused_ranks = reciprocal_rank_fusion(
+                {
+                    "dense": [key for key, _ in found.dense],
+                    "lexical": [key for key, _ in found.lexical],
+                },
+                rrf_k=self.settings.rrf_k,
+                weights=weights,
+            )
+            ranking = [(key, score) for key, score, _ in fused_ranks]
+            if explain:
+                for key, _, ranks in fused_ranks:
+                    extra[key] = {f"{n}_rank": float(r) for n, r in ranks.items()}
+        else:
+            fused_name = "fused"
+            ranking, scaled = fuse_scores(
+                {"dense": found.dense, "lexical": found.lexical},
+                weights=weights,
+                scaling={"dense": "minmax", "lexical": "max"},
+            )
+            if explain:
+                for list_name, values in scaled.items():
+                    for key, value in values.items():
+                        extra.setdefault(key, {})[f"{list_name}_scaled"] = value
+        dense_scores = dict(found.dense)
+        lexical_scores = dict(found.lexical)
+
+        def hybrid(key: Key, fused: float) -> dict[str, float]:
+            components = {fused_name: fused}
+            if explain:
+                components.update(extra.get(key, {}))
+            if key in dense_scores:
+                components["dense"] = dense_scores[key]
+            if key in lexical_scores:
+                components["lexical"] = lexical_scores[key]
+            if explain:
+                for list_name in ("dense", "lexical"):
+                    at = rank_in(list_name).get(key)
+                    if at is not None:
+                        components[f"{list_name}_rank"] = float(at)
+            return components
+
+        return [(key, score, score) for key, score in ranking], hybrid
+
     def _smooth_by_neighbours(
         self,
-        ranked: list[tuple[Key, float, dict[str, float]]],
+        ranked: list[tuple[Key, float, float]],
         *,
-        explain: bool,
         blocking: bool = True,
-    ) -> list[tuple[Key, float, dict[str, float]]]:
+    ) -> tuple[list[tuple[Key, float, float]], dict[Key, float]]:
         """Add ``neighbour_weight`` x the best candidate score among each candidate's
-        session neighbours (the items just before and after it), then re-rank."""
+        session neighbours (the items just before and after it), then re-rank.
+
+        Returns the re-ranked candidates and the bonus each one received."""
         weight = self.settings.neighbour_weight
         cubes = {cube_name for (cube_name, _), _, _ in ranked}
         if not any(
             (cube := self.indexer.cube(name)) is not None and cube.sessions for name in cubes
         ):
-            return ranked  # no candidate has a session neighbour: nothing to add
+            return ranked, {}  # no candidate has a session neighbour: nothing to add
         base = {key: score for key, score, _ in ranked}
         by_cube: dict[str, list[str]] = {}
         for (cube_name, item_id), _, _ in ranked:
@@ -581,19 +610,18 @@ class SearchService:
             if cube is not None:
                 for item_id, pair in cube.neighbours_of(ids, blocking=blocking).items():
                     near[(cube_name, item_id)] = pair
-        out: list[tuple[Key, float, dict[str, float]]] = []
-        for key, score, components in ranked:
+        out: list[tuple[Key, float, float]] = []
+        bonuses: dict[Key, float] = {}
+        for key, score, fused in ranked:
             bonus = 0.0
             for other in near.get(key, ()):
                 if other is not None:
                     bonus = max(bonus, base.get((key[0], other), 0.0))
             if bonus > 0:
-                components["neighbour"] = weight * bonus
-                if explain:
-                    components["before_neighbour"] = score
-            out.append((key, score + weight * bonus, components))
+                bonuses[key] = weight * bonus
+            out.append((key, score + weight * bonus, fused))
         out.sort(key=lambda entry: -entry[1])  # stable: ties keep the fused order
-        return out
+        return out, bonuses
 
     def _search_history(
         self,

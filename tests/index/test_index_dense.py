@@ -128,3 +128,22 @@ def test_a_float32_snapshot_loads_into_a_float16_index_and_rebuilds_as_float16(
 def test_unknown_storage_is_refused() -> None:
     with pytest.raises(ValueError, match="storage"):
         DenseIndex(16, storage="int8")
+
+
+def test_hnsw_search_with_many_tombstones_still_returns_k_live() -> None:
+    """The graph keeps removed labels; a search asks for more until k live ones are found."""
+    dim, n = 16, 3000
+    x = _clustered(n, dim)
+    index = DenseIndex(dim, hnsw_threshold=1000, rebuild_ratio=0.95, background=False)
+    index.add(range(n), x)
+    assert index.kind == "hnsw"
+    # Remove most of the graph around the query: the first fetch is mostly tombstones.
+    sims = x @ x[0]
+    near = [int(i) for i in np.argsort(-sims)[:2000]]
+    index.remove(near)
+    assert index.tombstones == 2000
+    live = np.array(sorted(set(range(n)) - set(near)))
+    got = index.search(x[0], 50)
+    assert len(got) == 50
+    assert not {label for label, _ in got} & set(near)
+    assert len({label for label, _ in got} & _exact(x, live, x[0], 50)) >= 45

@@ -15,6 +15,7 @@ from memosd.embed import HashingEmbedder
 from memosd.engine import Engine
 from memosd.errors import BadRequest, NotFound, Unavailable
 from memosd.index import Boosts, IndexSettings, SearchFilters, SearchService
+from memosd.index.fusion import score_fusion
 from memosd.index.indexer import Indexer
 from memosd.memcube.model import CubeConfig
 from memosd.plugins.manager import PluginConfig, PluginManager
@@ -297,6 +298,33 @@ def test_forms_decide_what_is_indexed(
             assert sorted(_texts(hits)) == ["a plain zebra note", "hello there"], mode
     finally:
         svc.close()
+
+
+def test_explained_components_match_the_fusion(engine: Engine, service: SearchService) -> None:
+    """Components are built per hit: each must still be what the fusion computed."""
+    for text in ("ramen and sushi tonight", "ramen recipe", "sushi bar", "the cat sleeps"):
+        engine.add("notes", text)
+    lsn = engine.applied_lsn
+    dense = service.search(["notes"], "ramen sushi", k=10, mode="dense", wait_for_lsn=lsn)
+    lexical = service.search(["notes"], "ramen sushi", k=10, mode="lexical")
+    lists = {
+        "dense": [(h.item.id, h.components["dense"]) for h in dense],
+        "lexical": [(h.item.id, h.components["lexical"]) for h in lexical],
+    }
+    weights = {"dense": SETTINGS.dense_weight, "lexical": SETTINGS.lexical_weight}
+    expected = score_fusion(lists, weights=weights, scaling={"dense": "minmax", "lexical": "max"})
+    hits = service.search(["notes"], "ramen sushi", k=10, explain=True)
+    assert [h.item.id for h in hits] == [key for key, _, _ in expected]
+    dense_at = {key: i for i, (key, _) in enumerate(lists["dense"], start=1)}
+    for hit, (key, score, scaled) in zip(hits, expected, strict=True):
+        c = hit.components
+        assert hit.score == pytest.approx(score)
+        assert c["fused"] == pytest.approx(score)
+        for name, value in scaled.items():
+            assert c[f"{name}_scaled"] == pytest.approx(value)
+        assert c["dense"] == pytest.approx(dict(lists["dense"])[key])
+        assert c["dense_rank"] == dense_at[key]
+        assert ("lexical" in c) == (key in dict(lists["lexical"]))
 
 
 def _conversation(engine: Engine) -> dict[str, str]:
