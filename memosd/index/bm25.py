@@ -33,6 +33,7 @@ import re
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -96,6 +97,26 @@ _COMPACT_MIN: Final = 4_096
 STATE_FORMAT: Final = 2
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """A merged or compacted BM25 layout, built aside; see BM25Index.prepare_maintenance."""
+
+    mutations: int  # the index's mutation count it was built from
+    start: npt.NDArray[np.int64]
+    slots: npt.NDArray[np.int32]
+    tfs: npt.NDArray[np.float32]
+    renumbered: _Renumbered | None = None  # set by a compaction
+
+
+@dataclass(slots=True)
+class _Renumbered:
+    """A compaction's live slots, in label order, and the terms they still hold."""
+
+    labels: npt.NDArray[np.int64]
+    lengths: npt.NDArray[np.float32]
+    terms: list[str]
+
+
 class BM25Index:
     """Incremental BM25 over integer labels.  Not thread-safe: the owner locks.
 
@@ -130,9 +151,14 @@ class BM25Index:
     documents pass, every positive score is considered).
     """
 
-    def __init__(self, *, k1: float = 1.2, b: float = 0.75) -> None:
+    def __init__(self, *, k1: float = 1.2, b: float = 0.75, auto_maintain: bool = True) -> None:
         self.k1 = k1
         self.b = b
+        # False: adds and removes never merge or compact on their own; the
+        # owner calls prepare_maintenance()/install() (CubeIndex does, to keep
+        # its lock free while the new arrays are built) or maintain().
+        self.auto_maintain = auto_maintain
+        self._mutations = 0  # adds + removes: a prepared layout must not miss any
         self._term_ids: dict[str, int] = {}
         self._terms: list[str] = []
         self._labels = np.zeros(64, dtype=np.int64)
@@ -211,14 +237,12 @@ class BM25Index:
             if term not in term_ids:
                 term_ids[term] = len(self._terms)
                 self._terms.append(term)
-        tids = self._tail_tids
-        tids.extend(map(term_ids.__getitem__, counts))
+        self._tail_tids.extend(map(term_ids.__getitem__, counts))
         self._tail_slots.extend([slot] * len(counts))
         self._tail_tfs.extend(counts.values())
-        if len(tids) > max(_MERGE_MIN, len(self._slots) // _MERGE_DIVISOR):
-            self._merge()
-        elif len(self._extra) > max(_COMPACT_MIN, self._next_slot // 4):
-            self._compact()
+        self._mutations += 1
+        if self.auto_maintain:
+            self.maintain()
 
     def remove(self, label: int) -> bool:
         """Forget ``label``; False if it was not indexed."""
@@ -231,16 +255,86 @@ class BM25Index:
         self._count -= 1
         self._dead += 1
         self._removals += 1
-        if self._dead > max(_COMPACT_MIN, self._next_slot // 4):
-            self._compact()
+        self._mutations += 1
+        if self.auto_maintain:
+            self.maintain()
         return True
 
-    # --- packed postings ------------------------------------------------------------
+    # --- packed postings: merge and compaction ---------------------------------------
+
+    def _compaction_due(self) -> bool:
+        limit = max(_COMPACT_MIN, self._next_slot // 4)
+        return self._dead > limit or len(self._extra) > limit
+
+    def maintenance_due(self) -> bool:
+        """Whether the tail should be merged or dead slots reclaimed."""
+        merge_due = len(self._tail_tids) > max(_MERGE_MIN, len(self._slots) // _MERGE_DIVISOR)
+        return merge_due or self._compaction_due()
+
+    def maintain(self) -> None:
+        """Merge or compact now if either is due (single-threaded owners)."""
+        if self.maintenance_due():
+            prepared = self.prepare_maintenance()
+            if prepared is not None:
+                self.install(prepared)
+
+    def prepare_maintenance(self, *, merge_only: bool = False) -> _Prepared | None:
+        """The merged or compacted layout, if due, built without changing the index.
+
+        It only reads the index, so searches may run meanwhile; no add or
+        remove may (the owner's single writer prepares).  A compaction
+        (renumbering every slot) when it is due, else a merge of the tail;
+        ``merge_only`` folds any tail in without compacting (snapshots).
+        Apply the result with :meth:`install`.
+        """
+        if merge_only:
+            if not len(self._tail_tids):
+                return None
+            return _Prepared(self._mutations, *self._merged_postings())
+        if not self.maintenance_due():
+            return None
+        start, slots, tfs = self._merged_postings()
+        if not self._compaction_due():
+            return _Prepared(self._mutations, start, slots, tfs)
+        return self._compacted(start, slots, tfs)
+
+    def install(self, prepared: _Prepared) -> bool:
+        """Swap in a prepared layout (the owner holds its lock); False if stale."""
+        if prepared.mutations != self._mutations:
+            return False  # an add or remove came in between: prepare again
+        self._start, self._slots, self._tfs = prepared.start, prepared.slots, prepared.tfs
+        self._tail_tids = array("i")
+        self._tail_slots = array("i")
+        self._tail_tfs = array("i")
+        self._generation += 1
+        renumbered = prepared.renumbered
+        if renumbered is not None:
+            live = len(renumbered.labels)
+            size = max(64, live)
+            self._terms = renumbered.terms
+            self._term_ids = {term: i for i, term in enumerate(renumbered.terms)}
+            self._labels = np.resize(renumbered.labels, size)
+            self._lengths = np.resize(renumbered.lengths, size)
+            self._alive = np.zeros(size, dtype=bool)
+            self._alive[:live] = True
+            self._next_slot = self._main_end = live
+            self._extra = {}
+            self._dead = 0
+            self._weights = {}
+        return True
 
     def _merge(self) -> None:
-        """Fold the tail into the packed arrays (each term's slots stay ascending)."""
+        """Fold the tail into the packed arrays now."""
+        prepared = self.prepare_maintenance(merge_only=True)
+        if prepared is not None:
+            self.install(prepared)
+
+    def _merged_postings(
+        self,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+        """The packed arrays with the tail folded in (each term's slots stay ascending)."""
         if not len(self._tail_tids):
-            return
+            return self._start, self._slots, self._tfs
         n_terms = len(self._terms)
         tids = np.array(self._tail_tids, dtype=np.int64)
         order = np.argsort(tids, kind="stable")
@@ -266,48 +360,45 @@ class BM25Index:
         pos = start[tids] + base_counts[tids] + (np.arange(len(tids)) - tail_first[tids])
         slots[pos] = tail_slots
         tfs[pos] = tail_tfs
-        self._start, self._slots, self._tfs = start, slots, tfs
-        self._tail_tids = array("i")
-        self._tail_slots = array("i")
-        self._tail_tfs = array("i")
-        self._generation += 1
+        return start, slots, tfs
 
-    def _compact(self) -> None:
-        """Drop dead slots and their postings, renumber slots in label order."""
-        self._merge()
+    def _compacted(
+        self,
+        start: npt.NDArray[np.int64],
+        slots: npt.NDArray[np.int32],
+        tfs: npt.NDArray[np.float32],
+    ) -> _Prepared:
+        """Dead slots and their postings dropped, slots renumbered in label order."""
         used = self._next_slot
-        live = np.flatnonzero(self._alive[:used])
+        alive = self._alive[:used]
+        live = np.flatnonzero(alive)
         live = live[np.argsort(self._labels[live], kind="stable")]
         new_of = np.full(used, -1, dtype=np.int64)
         new_of[live] = np.arange(len(live))
-        n_terms = len(self._start) - 1  # == len(self._terms) once the tail is merged
-        term_of = np.repeat(np.arange(n_terms, dtype=np.int64), np.diff(self._start))
-        keep = self._alive[self._slots] if len(self._slots) else np.zeros(0, dtype=bool)
+        n_terms = len(start) - 1  # == len(self._terms): the tail is folded in
+        term_of = np.repeat(np.arange(n_terms, dtype=np.int64), np.diff(start))
+        keep = alive[slots] if len(slots) else np.zeros(0, dtype=bool)
         term_of = term_of[keep]
-        slots = new_of[self._slots[keep]]
-        tfs = self._tfs[keep]
-        order = np.lexsort((slots, term_of))
-        term_of, slots, tfs = term_of[order], slots[order], tfs[order]
+        new_slots = new_of[slots[keep]]
+        new_tfs = tfs[keep]
+        order = np.lexsort((new_slots, term_of))
+        term_of, new_slots, new_tfs = term_of[order], new_slots[order], new_tfs[order]
         # Forget terms no live document holds any more.
         counts = np.bincount(term_of, minlength=n_terms)
         used_terms = np.flatnonzero(counts)
-        self._terms = [self._terms[i] for i in used_terms.tolist()]
-        self._term_ids = {term: i for i, term in enumerate(self._terms)}
-        start = np.zeros(len(used_terms) + 1, dtype=np.int64)
-        np.cumsum(counts[used_terms], out=start[1:])
-        self._start = start
-        self._slots = slots.astype(np.int32)
-        self._tfs = tfs
-        size = max(64, len(live))
-        self._labels = np.resize(self._labels[live], size)
-        self._lengths = np.resize(self._lengths[live], size)
-        self._alive = np.zeros(size, dtype=bool)
-        self._alive[: len(live)] = True
-        self._next_slot = self._main_end = len(live)
-        self._extra = {}
-        self._dead = 0
-        self._generation += 1
-        self._weights = {}
+        new_start = np.zeros(len(used_terms) + 1, dtype=np.int64)
+        np.cumsum(counts[used_terms], out=new_start[1:])
+        return _Prepared(
+            self._mutations,
+            new_start,
+            new_slots.astype(np.int32),
+            new_tfs,
+            _Renumbered(
+                self._labels[live],
+                self._lengths[live],
+                [self._terms[i] for i in used_terms.tolist()],
+            ),
+        )
 
     def _term_slots_tfs(self, tid: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
         """All posting entries of term ``tid`` (packed, then the tail), dead ones included.

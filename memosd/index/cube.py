@@ -83,6 +83,9 @@ class CubeIndex:
         self.dense = dense
         self.mismatch = mismatch
         self.bm25 = bm25 if bm25 is not None else BM25Index()
+        # Merges and compactions of the BM25 arrays (up to ~1 s at 1M items)
+        # are built outside the lock: see maintain_bm25.
+        self.bm25.auto_maintain = False
         self.lock = threading.Lock()
         self.by_item: dict[str, tuple[int, int]] = {}
         self.by_label: dict[int, str] = {}
@@ -142,10 +145,24 @@ class CubeIndex:
                 self.bm25.add(label, text)
                 labels.append(label)
             self.dirty = True
+        self.maintain_bm25()
         if self.dense is not None and vectors is not None:
             if stale:
                 self.dense.remove(stale)
             self.dense.add(labels, vectors)
+
+    def maintain_bm25(self, *, merge_only: bool = False) -> None:
+        """Merge BM25's tail or compact it, if due, without blocking searches.
+
+        The new arrays are built outside the lock - only reads of the index,
+        which searches share - and swapped in under it.  The indexer's worker
+        is the only thread that writes a cube's index, so nothing can change
+        the index meanwhile (``install`` refuses a stale layout regardless).
+        """
+        prepared = self.bm25.prepare_maintenance(merge_only=merge_only)
+        if prepared is not None:
+            with self.lock:
+                self.bm25.install(prepared)
 
     def _set_session(self, item_id: str, session: str | None) -> None:
         """Move ``item_id`` to ``session``'s ordered list (None: out of every session)."""
@@ -196,6 +213,7 @@ class CubeIndex:
             del self.by_label[old[0]]
             self.bm25.remove(old[0])
             self.dirty = True
+        self.maintain_bm25()
         if self.dense is not None:
             self.dense.remove([old[0]])
         return True

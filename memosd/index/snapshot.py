@@ -105,20 +105,24 @@ def _write_cube(root: Path, cube: CubeIndex, gen: str) -> dict[str, Any]:
     cube_dir = root / cube.name
     cube_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
-    with cube.lock:
-        labels = np.fromiter(
-            (label for label, _ in cube.by_item.values()), dtype=np.int64, count=len(cube.by_item)
-        )
-        ids = list(cube.by_item)
-        versions = [version for _, version in cube.by_item.values()]
-        items = {
-            "ids": ids,
-            "versions": versions,
-            "next_label": cube.next_label,
-            "sessions": [cube.session_of.get(item_id) for item_id in ids],
-        }
-        bm25 = msgpack.packb(cube.bm25.to_state(), use_bin_type=True)
-        cube.dirty = False
+    # The indexer's worker writes snapshots between batches and is the only
+    # thread that changes a cube's index, so the state is read without the
+    # lock (searches, which only read, go on; at 1M items this takes ~1 s).
+    # Only folding BM25's tail in swaps arrays, under the lock.
+    cube.maintain_bm25(merge_only=True)
+    labels = np.fromiter(
+        (label for label, _ in cube.by_item.values()), dtype=np.int64, count=len(cube.by_item)
+    )
+    ids = list(cube.by_item)
+    versions = [version for _, version in cube.by_item.values()]
+    items = {
+        "ids": ids,
+        "versions": versions,
+        "next_label": cube.next_label,
+        "sessions": [cube.session_of.get(item_id) for item_id in ids],
+    }
+    bm25 = msgpack.packb(cube.bm25.to_state(), use_bin_type=True)
+    cube.dirty = False
     name = f"{gen}.labels.npy"
     tmp = cube_dir / (name + ".tmp")
     with tmp.open("wb") as f:

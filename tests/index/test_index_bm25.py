@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections import Counter
 from itertools import pairwise
+from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 
 from memosd.index import bm25
 from memosd.index.bm25 import BM25Index, stem, tokenize
+from memosd.index.cube import CubeIndex
+from memosd.index.snapshot import write_snapshot
+
+_SNAPSHOT_ARGS: dict[str, Any] = {"lsn": 1, "model": "none", "dim": 0}
 
 
 def test_tokenizer_lowercases_drops_stop_words_and_stems() -> None:
@@ -180,23 +187,42 @@ def test_stays_in_step_with_adds_updates_deletes_and_reload(
 # --- the packed layout: merges, compactions, out-of-order labels, states ---------------
 
 
+@pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("seed", range(4))
 def test_packed_layout_merges_and_compactions_keep_the_formula(
-    seed: int, monkeypatch: pytest.MonkeyPatch
+    seed: int, deferred: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With tiny merge/compaction thresholds every write path folds the tail into the
     packed arrays or renumbers slots often; rankings, idf and membership stay exact,
-    and a msgpack round trip of the state (mid-tail) reloads the same index."""
+    and a msgpack round trip of the state (mid-tail) reloads the same index.
+
+    ``deferred``: the owner maintains the index (prepare aside, install later, as
+    CubeIndex does outside its lock); a layout prepared before another write is
+    refused as stale."""
     monkeypatch.setattr(bm25, "_SAMPLED_TOP", 64)
     monkeypatch.setattr(bm25, "_SAMPLE", 16)
     monkeypatch.setattr(bm25, "_MERGE_MIN", 5 + seed * 7)
     monkeypatch.setattr(bm25, "_MERGE_DIVISOR", 2)
     monkeypatch.setattr(bm25, "_COMPACT_MIN", 3 + seed)
     rng = random.Random(500 + seed)
-    index = BM25Index(k1=1.2, b=0.75)
+    index = BM25Index(k1=1.2, b=0.75, auto_maintain=not deferred)
     docs: dict[int, list[str]] = {}
     next_label = 1
+    held = None  # a prepared layout kept across one write: must be refused
+    installed = stale = 0
     for step in range(700):
+        if deferred:
+            if held is not None:
+                assert not index.install(held)
+                stale += 1
+                held = None
+            prepared = index.prepare_maintenance()
+            if prepared is not None and rng.random() < 0.2:
+                held = prepared
+            elif prepared is not None:
+                _check_search(index, docs, [rng.choice(_VOCAB)], 10)  # reads meanwhile
+                assert index.install(prepared)
+                installed += 1
         op = rng.random()
         if op < 0.5 or not docs:
             label = next_label if rng.random() < 0.9 else rng.randint(-50, next_label + 50)
@@ -226,8 +252,13 @@ def test_packed_layout_merges_and_compactions_keep_the_formula(
                 strict_map_key=False,
             )
             index = BM25Index.from_state(state)
+            index.auto_maintain = not deferred
+            held = None  # built for the index just replaced
     assert len(index) == len(docs)
     assert all(label in index for label in docs)
+    if deferred:
+        assert installed > 10
+        assert stale > 0
 
 
 def test_reads_the_per_document_state_of_earlier_releases() -> None:
@@ -254,3 +285,44 @@ def test_rejects_an_inconsistent_state() -> None:
         BM25Index.from_state(state)
     with pytest.raises(ValueError, match="format"):
         BM25Index.from_state({**index.to_state(), "format": 99})
+
+
+@pytest.mark.parametrize("via", ["upsert", "snapshot"])
+def test_cube_builds_bm25_merges_without_holding_its_lock(
+    via: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A merge (or compaction) of a large cube takes up to ~1 s: searches of the cube
+    must go on while it is built, and see the new layout once it is swapped in."""
+    # The upsert merges its own 12 tail postings; a snapshot folds in a tail below that.
+    monkeypatch.setattr(bm25, "_MERGE_MIN", 8 if via == "upsert" else 100)
+    monkeypatch.setattr(bm25, "_MERGE_DIVISOR", 1)
+    cube = CubeIndex("notes", dense=None)
+    building, release = threading.Event(), threading.Event()
+    original = cube.bm25.prepare_maintenance
+
+    def slow_prepare(**kwargs: bool) -> Any:
+        prepared = original(**kwargs)
+        if prepared is not None:
+            building.set()
+            assert release.wait(10)
+        return prepared
+
+    monkeypatch.setattr(cube.bm25, "prepare_maintenance", slow_prepare)
+    entries = [(f"id{i}", 1, f"alpha beta gamma word{i}") for i in range(3)]
+    if via == "snapshot":
+        cube.upsert_many(entries, None)  # below the merge threshold: the tail stays
+        assert cube.bm25._tail_tids
+        writer = threading.Thread(
+            target=write_snapshot, args=(tmp_path, {"notes": cube}), kwargs=_SNAPSHOT_ARGS
+        )
+    else:
+        writer = threading.Thread(target=cube.upsert_many, args=(entries, None))
+    writer.start()
+    assert building.wait(10)
+    # The writer is inside the build: a search that must not wait gets its answer.
+    found = cube.search_lexical(["alpha"], 10, blocking=False)
+    assert sorted(item_id for item_id, _ in found) == ["id0", "id1", "id2"]
+    release.set()
+    writer.join(10)
+    assert not cube.bm25._tail_tids  # merged and swapped in
+    assert sorted(i for i, _ in cube.search_lexical(["word1"], 10)) == ["id1"]
