@@ -35,6 +35,7 @@ searching, so searches in different cubes run in parallel.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterable
@@ -54,6 +55,11 @@ _log = structlog.get_logger("memosd.index.dense")
 Labels = npt.NDArray[np.int64]
 _FLAT: Final = "flat"
 _HNSW: Final = "hnsw"
+#: Vectors added during a background build that are replayed onto the new
+#: graph under the lock, with the swap; larger backlogs are replayed before
+#: it, in at most _REPLAY_ROUNDS rounds.
+_REPLAY_UNDER_LOCK: Final = 512
+_REPLAY_ROUNDS: Final = 8
 #: Vector storage choices (``DenseIndex(storage=...)``).
 STORAGES: Final = ("float16", "float32")
 
@@ -64,6 +70,14 @@ class WouldBlock(Exception):
     Raised only when the caller asked for ``blocking=False`` (a search on the
     daemon's event loop, which must not wait): it retries in a worker thread.
     """
+
+
+def _replay(index: Any, pending: list[tuple[str, Labels, npt.NDArray[np.float32] | None]]) -> int:
+    """Apply logged adds to ``index``; removes are tombstones (the live set has them)."""
+    for op, ids, vecs in pending:
+        if op == "add":
+            index.add_with_ids(vecs, ids)
+    return len(pending)
 
 
 def _as_labels(labels: Iterable[int] | npt.NDArray[Any]) -> Labels:
@@ -249,24 +263,43 @@ class DenseIndex:
                 self._pending = None
                 self._builder = None
             return
-        with self._lock:
-            pending = self._pending or []
-            for op, ids, vecs in pending:
-                if op == "add":
-                    fresh.add_with_ids(vecs, ids)
-            # Removes are tombstones in HNSW: the live set already reflects them.
-            self._index = fresh
-            self._kind = _HNSW
-            self._pending = None
-            self._builder = None
-            self.builds += 1
-            self.last_build_s = round(time.monotonic() - started, 3)
+        # Writes that arrived during the build are replayed onto the new graph.
+        # A long build collects many (a 1M-item build takes minutes): replay them
+        # in rounds outside the lock, searches going on, until one round is
+        # short enough to finish under the lock together with the swap.
+        replayed = 0
+        for round_ in itertools.count():
+            with self._lock:
+                pending = self._pending or []
+                self._pending = []
+                backlog = sum(len(ids) for op, ids, _ in pending if op == "add")
+                # (A writer outpacing the replay cannot hold the swap off for long.)
+                if backlog <= _REPLAY_UNDER_LOCK or round_ >= _REPLAY_ROUNDS:
+                    replayed += _replay(fresh, pending)
+                    self._swap_locked(fresh, started)
+                    break
+            try:
+                replayed += _replay(fresh, pending)
+            except Exception:
+                _log.exception("HNSW build failed; staying on the current index")
+                with self._lock:
+                    self._pending = None
+                    self._builder = None
+                return
         _log.info(
             "dense index switched to HNSW",
             vectors=len(labels),
-            replayed_ops=len(pending),
+            replayed_ops=replayed,
             seconds=self.last_build_s,
         )
+
+    def _swap_locked(self, fresh: Any, started: float) -> None:
+        self._index = fresh
+        self._kind = _HNSW
+        self._pending = None
+        self._builder = None
+        self.builds += 1
+        self.last_build_s = round(time.monotonic() - started, 3)
 
     def wait_build(self, timeout: float | None = None) -> bool:
         """Block until no background build runs; False on timeout."""
@@ -333,9 +366,17 @@ class DenseIndex:
     # --- persistence (used by memosd.index.snapshot) ------------------------------------
 
     def write(self, path: str) -> None:
-        """Write the faiss index to ``path`` (the caller fsyncs and renames)."""
+        """Write the faiss index to ``path`` (the caller fsyncs and renames).
+
+        Only the index's single writer may call this (the indexer's worker,
+        between batches): the index is then only read meanwhile, so it is
+        written without the lock and searches go on (a 1M-item index takes
+        seconds).  A background build swapping in a new graph meanwhile
+        leaves this one intact and complete.
+        """
         with self._lock:
-            faiss.write_index(self._index, path)
+            index = self._index
+        faiss.write_index(index, path)
 
     def live_labels(self) -> Labels:
         with self._lock:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -147,3 +149,70 @@ def test_hnsw_search_with_many_tombstones_still_returns_k_live() -> None:
     assert len(got) == 50
     assert not {label for label, _ in got} & set(near)
     assert len({label for label, _ in got} & _exact(x, live, x[0], 50)) >= 45
+
+
+def test_writes_during_a_background_build_are_replayed_mostly_outside_the_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long build collects many adds; replaying them all under the lock would stall
+    searches for seconds at 1M items. Big backlogs are replayed before the swap."""
+    from memosd.index import dense as dense_module
+
+    dim = 16
+    x = _clustered(1600, dim)
+    index = DenseIndex(dim, hnsw_threshold=1000, background=True)
+    release = threading.Event()
+    original_new_hnsw = index._new_hnsw
+
+    def gated_new_hnsw() -> Any:
+        assert release.wait(30)  # the build waits until the adds below are logged
+        return original_new_hnsw()
+
+    monkeypatch.setattr(index, "_new_hnsw", gated_new_hnsw)
+    monkeypatch.setattr(dense_module, "_REPLAY_UNDER_LOCK", 100)
+    rounds: list[tuple[int, bool]] = []
+    original_replay = dense_module._replay
+
+    def watched_replay(target: Any, pending: list[Any]) -> int:
+        rounds.append((len(pending), index._lock.locked()))
+        return original_replay(target, pending)
+
+    monkeypatch.setattr(dense_module, "_replay", watched_replay)
+    index.add(range(1000), x[:1000])  # crosses the threshold: the build starts, gated
+    assert index.building
+    for start in range(1000, 1600, 50):  # 600 vectors logged while it builds
+        index.add(range(start, start + 50), x[start : start + 50])
+    release.set()
+    assert index.wait_build(timeout=60)
+    assert index.kind == "hnsw"
+    assert rounds[0] == (12, False)  # the backlog, replayed without the lock
+    assert rounds[-1][1]  # the last (short) round under the lock, with the swap
+    for label in (0, 999, 1000, 1599):
+        assert index.search(x[label], 1)[0][0] == label
+
+
+def test_writing_the_index_does_not_hold_up_searches(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from memosd.index import dense as dense_module
+
+    x = _clustered(200, 16)
+    index = DenseIndex(16)
+    index.add(range(200), x)
+    inside, release = threading.Event(), threading.Event()
+    real_write = faiss.write_index
+
+    def gated_write(target: Any, path: str) -> None:
+        inside.set()
+        assert release.wait(30)
+        real_write(target, path)
+
+    monkeypatch.setattr(dense_module.faiss, "write_index", gated_write)
+    path = str(tmp_path / "d.faiss")
+    writer = threading.Thread(target=index.write, args=(path,))
+    writer.start()
+    assert inside.wait(30)
+    assert index.search(x[5], 1, blocking=False)[0][0] == 5  # not WouldBlock
+    release.set()
+    writer.join(30)
+    assert DenseIndex.load(path, index.live_labels()).search(x[5], 1)[0][0] == 5
