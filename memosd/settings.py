@@ -301,7 +301,7 @@ class IndexSectionSettings:
         "embedder for tests only: no semantic quality).",
     )
     hnsw_threshold: int = _setting(
-        20_000,
+        4_000,
         "Items in a cube past which its dense index switches from exact (flat) to HNSW, "
         "built in the background without downtime.",
         unit="items",
