@@ -12,9 +12,9 @@ Cheap reads (``get``, ``history``, cube lookups, ``ping``) run inline in the
 receive loop, and so does a search the search service estimates to be cheap
 (a small index, a cached or cheaply embedded query, nothing to wait for: see
 ``IndexSettings.inline_search_us``); other searches go to a worker thread.
-Writes are checked inline and submitted with ``engine.atomic_future`` (no
-task, no thread): the engine's commit thread completes the futures of a whole
-group commit, the completions are handed to the loop in one
+Writes are checked inline and submitted with ``engine.atomic_nowait`` (no
+task, no thread, no future): the engine's commit thread calls back for each
+write of a group commit, the completions are handed to the loop in one
 ``call_soon_threadsafe`` per burst, and their replies go out back to back
 without an await per message.  Other ops run as tasks that wait
 for engine worker threads.  The engine's change listener (called from the
@@ -54,7 +54,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +77,7 @@ from memosd.protocol import (
 )
 from memosd.service import Service, Write
 from memosd.settings import ServerSettings
+from memosd.store.group_commit import Submission
 
 __all__ = ["Server", "ipc_endpoint"]
 
@@ -91,8 +91,8 @@ _ZERO_COPY_MIN_BYTES = 64 * 1024  # pyzmq's own copy_threshold
 _PEER_CACHE_MAX = 4096  # parsed Peer-Address values kept (one per connection)
 
 
-# A write in flight: envelope, request, its Write, the engine's future, start time, peer.
-_WriteEntry = tuple[list[Any], Request, Write, "Future[Any]", float, "Peer | None"]
+# A finished write: envelope, request, its Write, its submission, start time, peer.
+_WriteEntry = tuple[list[Any], Request, Write, Submission[Any], float, "Peer | None"]
 
 
 def ipc_endpoint(path: Path) -> str:
@@ -356,7 +356,18 @@ class Server:
 
     def _start_write(self, envelope: list[Any], request: Request, peer: Peer | None) -> None:
         try:
-            future, write = self.service.start_write(request, peer)
+            write = self.service.start_write(request, peer)
+            # The callback must not refer to the submission (which refers to
+            # the callback): without that cycle a finished write is freed by
+            # reference counting, not left to the cyclic GC (whose full
+            # collections over the daemon's heap stop every thread holding
+            # the GIL).
+            self.service.submit_write(
+                write,
+                functools.partial(
+                    self._write_done_threadsafe, envelope, request, write, time.perf_counter(), peer
+                ),
+            )
         except MemosError as err:
             self._send([*envelope, *encode_error(request.id, err)])
             return
@@ -364,15 +375,6 @@ class Server:
             self._send([*envelope, *self._internal_error(request)])
             return
         self._begin()
-        # The callback must not refer to the future (which refers to the
-        # callback): without that cycle a finished write is freed by reference
-        # counting, not left to the cyclic GC (whose full collections over the
-        # daemon's heap stop every thread holding the GIL).
-        future.add_done_callback(
-            functools.partial(
-                self._write_done_threadsafe, envelope, request, write, time.perf_counter(), peer
-            )
-        )
 
     def _write_done_threadsafe(  # noqa: PLR0917 - a done callback takes positional args
         self,
@@ -381,10 +383,10 @@ class Server:
         write: Write,
         started: float,
         peer: Peer | None,
-        future: Future[Any],
+        submission: Submission[Any],
     ) -> None:
         """Commit thread: queue a finished write; wake the loop once per burst."""
-        self._completions.append((envelope, request, write, future, started, peer))
+        self._completions.append((envelope, request, write, submission, started, peer))
         if not self._completions_scheduled:
             self._completions_scheduled = True
             loop = self._loop
@@ -399,9 +401,10 @@ class Server:
         completions = self._completions
         debug = _log.bind().is_enabled_for(logging.DEBUG)  # once per burst, not per reply
         while completions:
-            envelope, request, write, future, started, peer = completions.popleft()
+            envelope, request, write, submission, started, peer = completions.popleft()
             try:
-                out = encode_response(request.id, self.service.finish_write(write, future))
+                reply = self.service.finish_write(write, submission.outcome)
+                out = encode_response(request.id, reply)
             except MemosError as err:
                 out = encode_error(request.id, err)
             except Exception:
