@@ -1166,16 +1166,19 @@ class Engine:
 
 
 def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:
+    # Item puts first, matched by type only: each class pattern tried costs
+    # ~0.4 us, one with positional fields (``__match_args__``) more.
     match mutation:
-        case CubePut(cube):
-            return ChangeEvent("cube_created", cube.name, None, None, lsn)
-        case CubeDrop(name):
-            return ChangeEvent("cube_dropped", name, None, None, lsn)
-        case ItemPut(item):
+        case ItemPut():
+            item = mutation.item
             kind = "item_deleted" if item.status == Status.DELETED else "item_written"
             return ChangeEvent(
                 kind, item.cube, item.id, item.version, lsn, item.provenance.operation
             )
+        case CubePut(cube):
+            return ChangeEvent("cube_created", cube.name, None, None, lsn)
+        case CubeDrop(name):
+            return ChangeEvent("cube_dropped", name, None, None, lsn)
         case VersionPut(ref):
             kind = "item_deleted" if ref.status == Status.DELETED else "item_written"
             return ChangeEvent(kind, ref.cube, ref.id, ref.version, lsn, ref.operation)
