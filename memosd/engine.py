@@ -998,20 +998,26 @@ class Engine:
         result: T = self._submit(fn)
         return result
 
-    def atomic_future(self, fn: Callable[[Planner], T]) -> Future[T]:
-        """Like :meth:`atomic` but never blocks: returns a future.
+    def atomic_nowait(
+        self, fn: Callable[[Planner], Any], on_done: Callable[[Submission[Any]], None]
+    ) -> None:
+        """Like :meth:`atomic` but never blocks: ``on_done(submission)`` runs in
+        the committing thread once the batch is durable (or failed);
+        ``submission.outcome()`` returns the result or raises the error.
 
-        For event loops (the daemon awaits ``asyncio.wrap_future``): no
-        thread hop per write; a standby thread leads when nobody else does.
+        For event loops (the daemon's server): no thread hop, no future per
+        write; a standby thread leads when nobody else does.  Raises at once
+        if the engine is closed or refusing writes.
         """
+        if self._closed:
+            raise Unavailable("the storage engine is closed", reason="closed")
+        if self._failure is not None:
+            raise _copy_error(self._failure)
+        self._committer.submit_nowait(_Work("write", fn), on_done)
+
+    def atomic_future(self, fn: Callable[[Planner], T]) -> Future[T]:
+        """:meth:`atomic_nowait` with a future (resolved in the committing thread)."""
         future: Future[T] = Future()
-        if self._closed or self._failure is not None:
-            future.set_exception(
-                Unavailable("the storage engine is closed", reason="closed")
-                if self._closed
-                else _copy_error(self._failure)  # type: ignore[arg-type]
-            )
-            return future
 
         def done(sub: Submission[_Work]) -> None:
             try:
@@ -1019,7 +1025,10 @@ class Engine:
             except BaseException as exc:  # delivered to the awaiting caller
                 future.set_exception(exc)
 
-        self._committer.submit_nowait(_Work("write", fn), done)
+        try:
+            self.atomic_nowait(fn, done)
+        except MemosError as exc:
+            future.set_exception(exc)
         return future
 
     def create_cube(
@@ -1157,16 +1166,19 @@ class Engine:
 
 
 def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:
+    # Item puts first, matched by type only: each class pattern tried costs
+    # ~0.4 us, one with positional fields (``__match_args__``) more.
     match mutation:
-        case CubePut(cube):
-            return ChangeEvent("cube_created", cube.name, None, None, lsn)
-        case CubeDrop(name):
-            return ChangeEvent("cube_dropped", name, None, None, lsn)
-        case ItemPut(item):
+        case ItemPut():
+            item = mutation.item
             kind = "item_deleted" if item.status == Status.DELETED else "item_written"
             return ChangeEvent(
                 kind, item.cube, item.id, item.version, lsn, item.provenance.operation
             )
+        case CubePut(cube):
+            return ChangeEvent("cube_created", cube.name, None, None, lsn)
+        case CubeDrop(name):
+            return ChangeEvent("cube_dropped", name, None, None, lsn)
         case VersionPut(ref):
             kind = "item_deleted" if ref.status == Status.DELETED else "item_written"
             return ChangeEvent(kind, ref.cube, ref.id, ref.version, lsn, ref.operation)

@@ -14,7 +14,7 @@ Ops come in four kinds (:class:`OpSpec`):
   microseconds that never take the writer lock; a thread hop would cost more.
 * ``write``: the handler parses its arguments and checks access inline (ACL
   state is cached) and returns a :class:`Write`: a plan for
-  ``engine.atomic_future`` that runs inside the engine's group-commit batch,
+  ``engine.atomic_nowait`` that runs inside the engine's group-commit batch,
   plus how to turn its result into the reply.  No thread hop: many writes in
   flight, from one client or many, land in the same commit batch.
 * ``task``: coroutines for engine calls that may wait for the disk or scan
@@ -35,7 +35,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -61,6 +61,7 @@ from memosd.memcube.model import (
 from memosd.plugins.runtime import check_forms, plugins_result, validate_add, validate_update
 from memosd.portable import FormBlobs, check_blobs, dump_cube, export_blobs, read_portable
 from memosd.protocol import FRAME_KEY, PROTOCOL_VERSION, Reply, Request, item_to_wire, to_wire
+from memosd.store.group_commit import Submission
 from memosd.store.planner import Planner
 
 __all__ = ["OPS", "Args", "Service", "lexical_scan_search"]
@@ -397,12 +398,12 @@ class Service:
             return None
         return result if isinstance(result, Reply) else Reply(result)
 
-    def start_write(self, request: Request, peer: Peer | None) -> tuple[Future[Any], Write]:
-        """Check and submit a write op (event loop thread; never blocks).
+    def start_write(self, request: Request, peer: Peer | None) -> Write:
+        """Parse and check a write op (event loop thread; never blocks).
 
-        Raises the request's error (bad arguments, access, unhealthy engine)
-        before anything is submitted.  The caller turns the future's outcome
-        into the reply with :meth:`finish_write`.
+        Raises the request's error (bad arguments, access, unhealthy engine);
+        nothing is submitted yet: :meth:`submit_write` does that, and
+        :meth:`finish_write` turns the outcome into the reply.
         """
         spec = self._spec(request)
         if spec.kind != "write":
@@ -410,13 +411,21 @@ class Service:
         call = self._call(request, peer)
         planned: Write = spec.handler(self, call)
         # Not dataclasses.replace(): that costs more than the rest of this method.
-        write = Write(planned.plan, planned.finish, planned.acl_change, call.identity.principal)
-        return self.engine.atomic_future(write.plan), write
+        return Write(planned.plan, planned.finish, planned.acl_change, call.identity.principal)
 
-    def finish_write(self, write: Write, future: Future[Any]) -> Reply:
-        """The reply of a resolved write (raises its error); event loop thread."""
+    def submit_write(self, write: Write, on_done: Callable[[Submission[Any]], None]) -> None:
+        """Submit a checked write to the engine's group commit; never blocks.
+
+        ``on_done(submission)`` runs in the committing thread once the batch
+        is durable or failed.  Raises at once if the engine refuses writes.
+        """
+        self.engine.atomic_nowait(write.plan, on_done)
+
+    def finish_write(self, write: Write, outcome: Callable[[], Any]) -> Reply:
+        """The reply of a resolved write; ``outcome()`` returns the plan's result
+        or raises the write's error (event loop thread)."""
         try:
-            result = future.result()
+            result = outcome()
         finally:
             if write.acl_change:
                 self.invalidate_acl()
@@ -446,7 +455,8 @@ class Service:
         """Run any op to completion (tests and tools; the server dispatches by kind)."""
         spec = self._spec(request)
         if spec.kind == "write":
-            future, write = self.start_write(request, peer)
+            write = self.start_write(request, peer)
+            future = self.engine.atomic_future(write.plan)
             # shield: a cancelled wait must not cancel the engine's future.
             try:
                 await asyncio.shield(asyncio.wrap_future(future))
@@ -454,7 +464,7 @@ class Service:
                 raise
             except BaseException:
                 pass  # finish_write raises the write's own error
-            return self.finish_write(write, future)
+            return self.finish_write(write, future.result)
         if spec.kind == "feed":
             raise BadRequest(
                 f"{request.op} needs a connection; send it to the daemon's socket",

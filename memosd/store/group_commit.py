@@ -35,17 +35,20 @@ class Submission(Generic[P]):
 
     __slots__ = ("_callback", "_exception", "_promoted", "_result", "_wake", "done", "payload")
 
-    def __init__(self, payload: P) -> None:
+    def __init__(self, payload: P, callback: Callable[[Submission[P]], None] | None = None) -> None:
         self.payload = payload
         self.done = False
         self._promoted = False
         self._result: Any = None
         self._exception: BaseException | None = None
-        # A lock held from birth and released exactly once (resolve, fail or
-        # promotion): cheaper than an Event, which wraps a Condition.
-        self._wake = threading.Lock()
-        self._wake.acquire()
-        self._callback: Callable[[Submission[P]], None] | None = None
+        self._callback = callback
+        # A blocking caller sleeps on a lock held from birth and released
+        # exactly once (resolve, fail or promotion): cheaper than an Event,
+        # which wraps a Condition.  A caller with a callback never waits.
+        self._wake: threading.Lock | None = None
+        if callback is None:
+            self._wake = threading.Lock()
+            self._wake.acquire()
 
     def resolve(self, result: Any) -> None:
         if self._first_outcome():
@@ -67,7 +70,8 @@ class Submission(Generic[P]):
 
     def _finish(self) -> None:
         self.done = True
-        self._wake.release()
+        if self._wake is not None:
+            self._wake.release()
         if self._callback is not None:
             try:
                 self._callback(self)
@@ -78,10 +82,12 @@ class Submission(Generic[P]):
                 _log.exception("completion callback failed")
 
     def promote(self) -> None:
+        assert self._wake is not None, "only blocking callers are promoted"
         self._promoted = True
         self._wake.release()
 
     def wait(self) -> None:
+        assert self._wake is not None, "only blocking callers wait"
         self._wake.acquire()
 
     def outcome(self) -> Any:
@@ -108,8 +114,7 @@ class GroupCommitter(Generic[P]):
     def submit_nowait(self, payload: P, on_done: Callable[[Submission[P]], None]) -> Submission[P]:
         """Queue ``payload`` without blocking; ``on_done`` runs (in the leader's
         thread) once it is resolved.  If nobody leads, the standby thread does."""
-        sub = Submission(payload)
-        sub._callback = on_done
+        sub = Submission(payload, on_done)
         with self._mutex:
             self._pending.append(sub)
             lead = not self._leader_active

@@ -130,26 +130,31 @@ def _is_enospc(exc: BaseException) -> bool:
 
 
 class _ReadersWriterGate:
-    """Many concurrent read transactions, or one map resize, never both."""
+    """Many concurrent read transactions, or one map resize, never both.
+
+    Readers call :meth:`enter_shared`/:meth:`exit_shared` (every ``get``
+    does: plain methods, not a generator context manager, which costs more
+    than the LMDB read transaction itself).
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._resizing = False
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def enter_shared(self) -> None:
         with self._cond:
             while self._resizing:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+
+    def exit_shared(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            # Only a resize waits for the readers to leave (it set _resizing
+            # under this lock before waiting); readers wait for its end.
+            if self._readers == 0 and self._resizing:
+                self._cond.notify_all()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -163,6 +168,33 @@ class _ReadersWriterGate:
             with self._cond:
                 self._resizing = False
                 self._cond.notify_all()
+
+
+class _ReadTransaction:
+    """``with env.read() as txn``: a read transaction inside the readers' gate."""
+
+    __slots__ = ("_env", "_gate", "_txn")
+
+    def __init__(self, env: lmdb.Environment, gate: _ReadersWriterGate) -> None:
+        self._env = env
+        self._gate = gate
+        self._txn: lmdb.Transaction | None = None
+
+    def __enter__(self) -> lmdb.Transaction:
+        self._gate.enter_shared()
+        try:
+            self._txn = self._env.begin(buffers=False)
+        except BaseException:
+            self._gate.exit_shared()
+            raise
+        return self._txn
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._txn is not None:
+                self._txn.abort()  # read-only: the same as a commit
+        finally:
+            self._gate.exit_shared()
 
 
 class LmdbEnv:
@@ -224,10 +256,9 @@ class LmdbEnv:
 
     # -- reads ------------------------------------------------------------------
 
-    @contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        with self._gate.shared(), self.env.begin(buffers=False) as txn:
-            yield txn
+    def read(self) -> _ReadTransaction:
+        """A read transaction (``with store.read() as txn``), from any thread."""
+        return _ReadTransaction(self.env, self._gate)
 
     # -- writes (writer thread only) ------------------------------------------------
 

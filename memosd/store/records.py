@@ -165,17 +165,19 @@ def decode_record(
 
 def encode_mutation(mutation: Mutation) -> tuple[int, bytes]:
     """The (record type, payload) pair that goes into the WAL."""
+    # Item puts first, matched by type only (see engine._event_for).
     match mutation:
-        case CubePut(cube):
-            return RecordType.CUBE_PUT, codec.encode_cube(cube)
-        case CubeDrop(name):
-            return RecordType.CUBE_DROP, codec.packb({"name": name})
-        case ItemPut(item):
+        case ItemPut():
+            item = mutation.item
             # Usage statistics are side data, never part of a version record.
             usage = item.usage  # (field by field: cheaper than dataclass __eq__)
             if usage.hits != 0 or usage.last_hit_us is not None or usage.heat != 0.0:
                 item = replace(item, usage=_NO_USAGE)
             return RecordType.ITEM_PUT, codec.encode_item(item, verify=False)
+        case CubePut(cube):
+            return RecordType.CUBE_PUT, codec.encode_cube(cube)
+        case CubeDrop(name):
+            return RecordType.CUBE_DROP, codec.packb({"name": name})
         case ItemPurge(record):
             return RecordType.ITEM_PURGE, codec.encode_purge(record)
         case GrantSet(cube, principal, level):

@@ -211,7 +211,18 @@ class StoreView:
         ``payload`` is the mutation's WAL payload when the caller already
         encoded it (for an item version it is exactly the stored record).
         """
+        # Versions first, matched by type only (see engine._event_for).
         match mutation:
+            case ItemPut():
+                item = mutation.item
+                if payload is None:
+                    payload = encode_mutation(mutation)[1]
+                self._put_version(item.cube, item.id, item.version, item.payload, payload)
+            case VersionPut():
+                ref = mutation.keys
+                if payload is None:
+                    raise TypeError("a VersionPut is applied with its record")
+                self._put_version(ref.cube, ref.id, ref.version, ref.payload, payload)
             case CubePut(cube):
                 self.txn.put(cube.name.encode(), codec.encode_cube(cube), db=self.dbs["cubes"])
             case CubeDrop(name):
@@ -220,14 +231,6 @@ class StoreView:
                 self._release_blobs_under("versions", prefix)
                 for db_name in _PER_ITEM_DBS:
                     self._delete_prefix(db_name, prefix)
-            case ItemPut(item):
-                if payload is None:
-                    payload = encode_mutation(mutation)[1]
-                self._put_version(item.cube, item.id, item.version, item.payload, payload)
-            case VersionPut(ref):
-                if payload is None:
-                    raise TypeError("a VersionPut is applied with its record")
-                self._put_version(ref.cube, ref.id, ref.version, ref.payload, payload)
             case ItemPurge(record):
                 key = keys.item_key(record.cube, record.id)
                 self._release_blobs_under("versions", keys.version_prefix(record.cube, record.id))

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from memosd.protocol import encode_request
-from memosd.server import Server, _copy_frames
+from memosd.server import Server, _copy_mode, _send_message
 from memosd.service import Service, Write
 from memosd.settings import ServerSettings
 from memosd.testing import memosd_engine
@@ -108,9 +108,39 @@ def test_a_finished_write_leaves_no_cyclic_garbage(running_server: _Running) -> 
 
 def test_small_replies_are_sent_copying_large_ones_zero_copy() -> None:
     frame = zmq.Frame(b"routing-id")
-    assert _copy_frames([frame, b"x" * 100])
-    assert not _copy_frames([frame, b"{}", b"x" * (64 * 1024)])  # a large payload frame
-    assert not _copy_frames([frame, b"{}", memoryview(b"tensor")])  # KV tensors: zero-copy
+    assert _copy_mode([frame, b"x" * 100]) is True
+    assert _copy_mode([frame, b"{}", b"x" * (64 * 1024)]) is False  # a large payload frame
+    # KV tensors: zero-copy, through send_multipart
+    assert _copy_mode([frame, b"{}", memoryview(b"tensor")]) is None
+
+
+def test_send_message_delivers_every_kind_of_message_whole() -> None:
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://send-message")
+        b.connect("inproc://send-message")
+        big = b"L" * (64 * 1024)
+        messages: list[list[Any]] = [
+            [b"one"],
+            [zmq.Frame(b"env"), b"header"],
+            [b"h", big, b"t"],
+            [b"h", memoryview(b"tensor"), b""],
+        ]
+        for message in messages:
+            _send_message(a, message)
+        for message in messages:
+            assert b.poll(5000)
+            assert b.recv_multipart() == [bytes(part) for part in message]
+        with pytest.raises(TypeError):  # checked before anything is sent
+            _send_message(a, [b"h", memoryview(b"ok"), 42])
+        _send_message(a, [b"after"])
+        assert b.poll(5000)
+        assert b.recv_multipart() == [b"after"]
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+        ctx.term()
 
 
 def test_replies_of_every_size_arrive_whole(running_server: _Running) -> None:

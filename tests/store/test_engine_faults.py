@@ -6,6 +6,7 @@ import errno
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,28 @@ def test_map_grows_instead_of_failing(tmp_path: Path) -> None:
         assert len(engine.list_items("c", limit=10**6)) == 12_000
     with Engine.open(tmp_path, settings=settings) as engine:
         assert engine.get("c", ids[-1]).text.startswith("item 11999 ")
+
+
+def test_map_growth_waits_for_open_readers_and_holds_new_ones(tmp_path: Path) -> None:
+    settings = EngineSettings(initial_map_size=1 << 20)
+    with Engine.open(tmp_path, settings=settings) as engine:
+        store = engine.store
+        size = store.map_size
+        grown = threading.Event()
+        with store.read() as txn:
+            grower = threading.Thread(target=lambda: (store.grow_map(), grown.set()))
+            grower.start()
+            assert not grown.wait(0.3)  # an open reader holds the resize back
+            entries = txn.stat(store.dbs["meta"])["entries"]  # and still reads
+        assert grown.wait(10)
+        grower.join()
+        assert store.map_size == 2 * size
+        with store.read() as txn:  # the gate is open again
+            assert txn.stat(store.dbs["meta"])["entries"] == entries
+        with pytest.raises(RuntimeError), store.read():
+            raise RuntimeError("a failing reader leaves the gate")
+        store.grow_map()  # would wait forever for a leaked reader
+        assert store.map_size == 4 * size
 
 
 def test_stale_reader_slot_of_a_killed_process_is_cleared(tmp_path: Path) -> None:
