@@ -120,6 +120,10 @@ class EngineSettings:
     checkpoint_txns: int = 2000
     # Unreferenced blobs younger than this may belong to a write in flight.
     blob_gc_grace_s: float = 3600.0
+    # Change-log entries removed per checkpoint (whole records): the pruning
+    # runs in the writer's transaction, so after a bulk load of N items an
+    # unbounded prune held every write up for all N deletes.
+    prune_batch: int = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -740,8 +744,10 @@ class Engine:
             consumers = view.consumer_lsns()
             horizon = min([applied, *consumers.values()])
             if horizon > (view.meta_u64(b"changes_horizon") or 0):
-                view.prune_changes(horizon)
-                view.set_meta_u64(b"changes_horizon", horizon)
+                # Bounded: after a bulk load the log holds an entry per write, and
+                # this runs in the writer's transaction, which holds every write up.
+                _, reached = view.prune_changes(horizon, limit=self.settings.prune_batch)
+                view.set_meta_u64(b"changes_horizon", reached)
 
         self._write_txn(prune)
 

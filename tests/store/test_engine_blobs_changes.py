@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from memosd.engine import Engine
+from memosd.engine import Engine, EngineSettings
 from memosd.errors import BadRequest, Conflict, NotFound
 
 
@@ -187,3 +187,35 @@ def test_power_loss_replay_without_consumers_logs_no_changes(tmp_path: Path) -> 
             eng.changes_since(0)
         assert info.value.reason == "changes_pruned"
         assert eng.changes_since(eng.last_lsn) == []
+
+
+def test_change_log_prune_is_bounded_and_keeps_records_whole(tmp_path: Path) -> None:
+    """A checkpoint prunes at most ~prune_batch entries (the writer's transaction holds
+    writes up meanwhile), never splits an ATOMIC record's entries, and later
+    checkpoints finish the job; the horizon says exactly how far it got."""
+    settings = EngineSettings(prune_batch=2)
+    with Engine.open(tmp_path, settings=settings) as eng:
+        eng.create_cube("c", owner="uid:0")
+        eng.set_consumer_lsn("index", 0)
+        eng.add("c", "a")
+        eng.atomic(lambda p: [p.add("c", t) for t in ("b1", "b2", "b3")])  # one LSN, 3 entries
+        eng.add("c", "d")
+        log = eng.changes_since(0)
+        lsns = sorted({c.lsn for c in log})
+        eng.set_consumer_lsn("index", eng.last_lsn)
+        seen = []
+        for _ in range(10):
+            eng.checkpoint()
+            try:
+                remaining = eng.changes_since(0)
+            except Conflict as exc:
+                horizon = exc.details["horizon"]
+                seen.append(horizon)
+                remaining = eng.changes_since(horizon)
+                # Whole records only: every entry of an LSN above the horizon is still there.
+                assert [c for c in log if c.lsn > horizon] == remaining
+            if seen and seen[-1] == eng.last_lsn:
+                break
+        assert seen[-1] == eng.last_lsn  # finished over several checkpoints
+        assert len(set(seen)) >= 2  # ...not in one
+        assert all(h in [*lsns, eng.last_lsn] for h in seen)
