@@ -746,7 +746,7 @@ class Engine:
             if horizon > (view.meta_u64(b"changes_horizon") or 0):
                 # Bounded: after a bulk load the log holds an entry per write, and
                 # this runs in the writer's transaction, which holds every write up.
-                _, reached = view.prune_changes(horizon, limit=self.settings.prune_batch)
+                reached = view.prune_changes(horizon, limit=self.settings.prune_batch)
                 view.set_meta_u64(b"changes_horizon", reached)
 
         self._write_txn(prune)

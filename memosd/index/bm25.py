@@ -271,12 +271,12 @@ class BM25Index:
         merge_due = len(self._tail_tids) > max(_MERGE_MIN, len(self._slots) // _MERGE_DIVISOR)
         return merge_due or self._compaction_due()
 
-    def maintain(self) -> None:
-        """Merge or compact now if either is due (single-threaded owners)."""
-        if self.maintenance_due():
-            prepared = self.prepare_maintenance()
-            if prepared is not None:
-                self.install(prepared)
+    def maintain(self, *, merge_only: bool = False) -> None:
+        """:meth:`prepare_maintenance` and :meth:`install` in one step (an owner
+        that need not keep searches going meanwhile)."""
+        prepared = self.prepare_maintenance(merge_only=merge_only)
+        if prepared is not None:
+            self.install(prepared)
 
     def prepare_maintenance(self, *, merge_only: bool = False) -> _Prepared | None:
         """The merged or compacted layout, if due, built without changing the index.
@@ -322,12 +322,6 @@ class BM25Index:
             self._dead = 0
             self._weights = {}
         return True
-
-    def _merge(self) -> None:
-        """Fold the tail into the packed arrays now."""
-        prepared = self.prepare_maintenance(merge_only=True)
-        if prepared is not None:
-            self.install(prepared)
 
     def _merged_postings(
         self,
@@ -531,7 +525,7 @@ class BM25Index:
         Folds the tail into the packed arrays first (dead slots are kept:
         the state is the index as it is, reloaded as it was).
         """
-        self._merge()
+        self.maintain(merge_only=True)
         used = self._next_slot
         extra = sorted(self._extra.items())
         return {

@@ -259,10 +259,7 @@ class DenseIndex:
             if len(labels):
                 fresh.add_with_ids(vectors, labels)
         except Exception:
-            _log.exception("HNSW build failed; staying on the current index")
-            with self._lock:
-                self._pending = None
-                self._builder = None
+            self._abandon_build()
             return
         # Writes that arrived during the build are replayed onto the new graph.
         # A long build collects many (a 1M-item build takes minutes): replay them
@@ -282,10 +279,7 @@ class DenseIndex:
             try:
                 replayed += _replay(fresh, pending)
             except Exception:
-                _log.exception("HNSW build failed; staying on the current index")
-                with self._lock:
-                    self._pending = None
-                    self._builder = None
+                self._abandon_build()
                 return
         _log.info(
             "dense index switched to HNSW",
@@ -293,6 +287,13 @@ class DenseIndex:
             replayed_ops=replayed,
             seconds=self.last_build_s,
         )
+
+    def _abandon_build(self) -> None:
+        """A failed build: log it, stop logging writes for it, keep the current index."""
+        _log.exception("HNSW build failed; staying on the current index")
+        with self._lock:
+            self._pending = None
+            self._builder = None
 
     def _swap_locked(self, fresh: Any, started: float) -> None:
         self._index = fresh

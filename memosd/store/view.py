@@ -362,33 +362,31 @@ class StoreView:
             out.append((keys.unpack_u64(key[:8]), codec.unpackb(value)))
         return out
 
-    def prune_changes(self, up_to_lsn: int, limit: int | None = None) -> tuple[int, int]:
-        """Delete the change-log entries with LSN <= ``up_to_lsn``, oldest first.
+    def prune_changes(self, up_to_lsn: int, limit: int | None = None) -> int:
+        """Delete the change-log entries with LSN <= ``up_to_lsn``, oldest first;
+        the LSN up to which the log is now pruned.
 
         With ``limit``, stop after about that many entries, at an LSN boundary
-        (the entries of one ATOMIC record go together).  Returns (entries
-        removed, the LSN up to which the log is now pruned).
+        (the entries of one ATOMIC record go together).
         """
         removed = 0
-        reached = up_to_lsn
+        last: int | None = None  # LSN of the last entry deleted
         with self.txn.cursor(db=self.dbs["changes"]) as cur:
             if not cur.first():
-                return 0, up_to_lsn
-            last = None
+                return up_to_lsn
             while True:
                 lsn = keys.unpack_u64(bytes(cur.key())[:8])
                 if lsn > up_to_lsn:
                     break
-                if limit is not None and removed >= limit and lsn != last:
-                    reached = last if last is not None else reached
-                    break
+                if limit is not None and removed >= limit and last is not None and lsn != last:
+                    return last
                 if not cur.delete():
                     break
                 removed += 1
                 last = lsn
                 if not cur.key():
                     break
-        return removed, reached
+        return up_to_lsn
 
     def meta_u64(self, name: bytes) -> int | None:
         raw = self._get("meta", name)
