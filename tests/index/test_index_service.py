@@ -43,14 +43,21 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
         yield eng
 
 
-@pytest.fixture
-def service(engine: Engine, tmp_path: Path, embedder: HashingEmbedder) -> Iterator[SearchService]:
-    svc = SearchService(engine, tmp_path / "data", embedder=embedder, settings=SETTINGS)
+def _serving(
+    engine: Engine, tmp_path: Path, embedder: HashingEmbedder, settings: IndexSettings
+) -> Iterator[SearchService]:
+    """A started service with the cube "notes" (the body of the service fixtures)."""
+    svc = SearchService(engine, tmp_path / "data", embedder=embedder, settings=settings)
     svc.start()
     assert svc.wait_ready(10)
     engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
     yield svc
     svc.close()
+
+
+@pytest.fixture
+def service(engine: Engine, tmp_path: Path, embedder: HashingEmbedder) -> Iterator[SearchService]:
+    yield from _serving(engine, tmp_path, embedder, SETTINGS)
 
 
 def _texts(hits: list) -> list[str]:  # type: ignore[type-arg]
@@ -514,12 +521,7 @@ def _same(a: list[Any], b: list[Any]) -> None:
 def roomy(engine: Engine, tmp_path: Path, embedder: HashingEmbedder) -> Iterator[SearchService]:
     """A service whose inline budget (0.1 s) no search here exceeds, however loaded the box."""
     settings = IndexSettings(snapshot_interval_s=0, batch_wait_s=0.001, inline_search_us=100_000)
-    svc = SearchService(engine, tmp_path / "data", embedder=embedder, settings=settings)
-    svc.start()
-    assert svc.wait_ready(10)
-    engine.create_cube("notes", owner="uid:1", config=svc.cube_config())
-    yield svc
-    svc.close()
+    yield from _serving(engine, tmp_path, embedder, settings)
 
 
 def test_inline_search_gives_the_threaded_results(engine: Engine, roomy: SearchService) -> None:
