@@ -30,6 +30,10 @@ Records follow back to back, nothing between them::
     16      1     record_type     u8
     17      n     payload
 
+The last segment may end in *zero fill*: zero bytes written ahead of the
+records, which later records overwrite (see below).  Other segments end
+exactly after their last record.
+
 The CRC covers the header fields too, so a damaged length, LSN or type is
 detected like a damaged payload byte.  The length cap means a damaged length
 can never make recovery allocate or skip gigabytes.  LSNs start at 1 and
@@ -40,9 +44,18 @@ record of the previous one.
 What is fsynced when
 --------------------
 * An append (a group-commit batch: any number of records from any number of
-  threads) is one ``write`` then one ``fdatasync`` of the segment.  Callers
-  are released only after that fdatasync returned.  Only one batch is in
-  flight at a time, so at any moment at most one unsynced write exists.
+  threads) is one positional ``write`` at the end of the records, then one
+  ``fdatasync`` of the segment.  Callers are released only after that
+  fdatasync returned.  Only one batch is in flight at a time, so at any
+  moment at most one unsynced write exists.
+* Zero fill: when a batch would end past the end of the file, the same
+  write carries zeros after it, as many as the segment already holds (64 KiB
+  to 1 MiB, never past ``segment_bytes``), synced by the same fdatasync.
+  The next batches overwrite those zeros, so their fdatasyncs change no file
+  size: the filesystem has no metadata to journal, which on ext4 makes each
+  one cheaper and keeps it from also flushing other files' newly allocated
+  blocks (the LMDB store's).  About one fdatasync per MiB of log still
+  extends the file.
 * A new segment (first open, or rotation when the active segment has grown
   past ``segment_bytes``) is created, its header written and fdatasynced,
   and then the *directory* is fsynced, all before any record goes in.  So
@@ -58,9 +71,15 @@ What is fsynced when
 Torn tail versus corruption
 ---------------------------
 Recovery scans every segment in order.  At the first byte range that is not a
-valid record (too short, length over the cap or past the end, CRC mismatch,
-zero fill), it searches the rest of the segment for any CRC-valid record
-with the next expected LSN or a later one:
+valid record (too short, length over the cap or past the end, CRC mismatch):
+
+* if every byte from there to the end is zero, in the *last* segment: that
+  is **zero fill** (or an interrupted append none of whose bytes reached the
+  disk).  Nothing is cut; the next record is written at that offset.  In any
+  other segment it is corruption (rotation removes the fill first, below).
+
+Otherwise it searches the rest of the segment for any CRC-valid record with
+the next expected LSN or a later one:
 
 * none found, in the *last* segment: a **torn tail**: the remains of the
   one unsynced append that was interrupted.  It was never acknowledged, so
@@ -84,7 +103,8 @@ log then refuses to open rather than guess, and ``verify`` shows where.
 
 Repairing a torn tail
 ---------------------
-First the cut bytes are copied to ``cut/<segment-name>.<offset>.torn``,
+First the cut bytes (up to the end of the file, zero fill included) are
+copied to ``cut/<segment-name>.<offset>.torn``,
 fdatasynced, and ``cut/`` fsynced, so the evidence is durable.  Then the
 segment is truncated to ``offset`` and fdatasynced (a torn header is
 rewritten instead).  A crash between the two steps just repeats the repair
@@ -109,6 +129,9 @@ callers are waiting), then refuses new appends and closes the file.
 
 Checkpoints
 -----------
+Rotation first truncates the old segment's zero fill and fdatasyncs it, so
+a segment with a successor never ends in zeros.
+
 ``checkpoint(applied_lsn)`` deletes whole segments whose records are all
 ``<= applied_lsn`` (segment i is all below segment i+1's ``first_lsn``).
 The active (last) segment is never deleted; if it is itself entirely

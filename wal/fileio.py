@@ -18,16 +18,19 @@ __all__ = ["CountingFileIO", "FaultyFileIO", "FileIO", "OsFileIO"]
 class FileIO(Protocol):
     """Every file operation the WAL does.  Paths are ``str``; handles are ints."""
 
-    def open_append(self, path: str) -> int:
-        """Open ``path`` for appending, creating it if missing."""
+    def open_write(self, path: str) -> int:
+        """Open ``path`` for positional writes, creating it if missing (never truncating)."""
         ...
 
     def create(self, path: str) -> int:
         """Open ``path`` for writing, creating it or truncating it to empty."""
         ...
 
-    def write(self, fd: int, data: bytes) -> int:
-        """Write at the end of the file; may write fewer bytes (returns how many)."""
+    def write(self, fd: int, data: bytes, offset: int) -> int:
+        """Write ``data`` at byte ``offset``; may write fewer bytes (returns how many).
+
+        Writing past the end extends the file; a gap would read as zeros.
+        """
         ...
 
     def fdatasync(self, fd: int) -> None: ...
@@ -58,14 +61,15 @@ class FileIO(Protocol):
 class OsFileIO:
     """The real filesystem, through the ``os`` module."""
 
-    def open_append(self, path: str) -> int:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def open_write(self, path: str) -> int:
+        # No O_APPEND: on Linux it makes pwrite ignore its offset.
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def create(self, path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
 
-    def write(self, fd: int, data: bytes) -> int:
-        return os.write(fd, data)
+    def write(self, fd: int, data: bytes, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
 
     def fdatasync(self, fd: int) -> None:
         # macOS has no fdatasync; fsync there is the closest (still not F_FULLFSYNC).
@@ -115,17 +119,17 @@ class CountingFileIO:
     def _before(self, op: str) -> None:
         self.calls[op] += 1
 
-    def open_append(self, path: str) -> int:
-        self._before("open_append")
-        return self.inner.open_append(path)
+    def open_write(self, path: str) -> int:
+        self._before("open_write")
+        return self.inner.open_write(path)
 
     def create(self, path: str) -> int:
         self._before("create")
         return self.inner.create(path)
 
-    def write(self, fd: int, data: bytes) -> int:
+    def write(self, fd: int, data: bytes, offset: int) -> int:
         self._before("write")
-        return self.inner.write(fd, data)
+        return self.inner.write(fd, data, offset)
 
     def fdatasync(self, fd: int) -> None:
         self._before("fdatasync")

@@ -71,6 +71,7 @@ class ScanEnd(enum.Enum):
     """What follows the last valid record of a segment."""
 
     CLEAN = "clean"  # the data ends exactly after the last valid record
+    ZERO_FILL = "zero_fill"  # only zero bytes follow: space prepared for records
     TORN_TAIL = "torn_tail"  # an interrupted append; safe to cut
 
 
@@ -80,7 +81,8 @@ class SegmentScan:
 
     ``valid_end`` is the offset just past the last valid record (or past the
     header when there is none; 0 when the header itself is torn).  Bytes from
-    ``valid_end`` on are the torn tail when ``end`` is ``TORN_TAIL``.
+    ``valid_end`` on are the torn tail when ``end`` is ``TORN_TAIL``, and all
+    zero when it is ``ZERO_FILL``.
     """
 
     first_lsn: int
@@ -176,10 +178,12 @@ def _later_valid_record(data: bytes, start: int, min_lsn: int) -> tuple[int, int
     leaves nothing decodable *behind* the damage.  A valid later record
     means data that was once complete is now damaged.
     """
-    if not data[start:].strip(b"\0"):
-        # The common torn tail (a zero-filled extension); skip the byte walk.
+    # A valid record's header is never all zeros (its LSN is >= 1), so no
+    # record starts inside the trailing run of zeros: the walk stops there.
+    nonzero_end = len(data.rstrip(b"\0"))
+    if nonzero_end <= start:
         return None
-    for offset in range(start + 1, len(data) - RECORD_HEADER_SIZE + 1):
+    for offset in range(start + 1, min(nonzero_end, len(data) - RECORD_HEADER_SIZE + 1)):
         header = _decode_header(data, offset)
         if isinstance(header, str) or header[2] < min_lsn:
             continue
@@ -256,6 +260,11 @@ def scan_segment(
             offset += RECORD_HEADER_SIZE + len(decoded.payload)
             expected_lsn += 1
             continue
+        if data.count(0, offset) == size - offset:
+            if not is_last_segment:
+                # Rotation cuts the fill off before the next segment exists.
+                raise corrupt("zero fill in a segment that is not the last", offset, expected_lsn)
+            return SegmentScan(first_lsn, tuple(records), offset, ScanEnd.ZERO_FILL, True)
         later = _later_valid_record(data, offset, expected_lsn)
         if later is not None:
             problem = f"{decoded}; a valid record (LSN {later[1]}) follows at offset {later[0]}"

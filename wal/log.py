@@ -54,6 +54,10 @@ __all__ = [
 ]
 
 DEFAULT_SEGMENT_BYTES = 64 * 2**20
+# Zero fill written ahead of the records (see "Zero-filled tail" in the package
+# docs): the active segment grows by its own size, between these bounds.
+PREFILL_MIN_BYTES = 64 * 2**10
+PREFILL_MAX_BYTES = 2**20
 CUT_DIRECTORY = "cut"
 # Out-of-space errors surface as DiskFullError so callers can shed load
 # instead of treating the volume as broken.
@@ -80,6 +84,7 @@ class SegmentReport:
     records: int
     size: int
     torn_tail_bytes: int
+    zero_fill_bytes: int = 0  # prepared for future records (last segment only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,13 +138,26 @@ def _segment_gap_error(previous_next_lsn: int, segment: _Segment) -> WalCorrupti
     )
 
 
-def _write_all(io: FileIO, fd: int, data: bytes) -> None:
-    written = io.write(fd, data)
+def _write_all(io: FileIO, fd: int, data: bytes, offset: int) -> None:
+    written = io.write(fd, data, offset)
     while written < len(data):
-        more = io.write(fd, data[written:])
+        more = io.write(fd, data[written:], offset + written)
         if more <= 0:
             raise OSError(errno.EIO, "write made no progress")
         written += more
+
+
+def prefill_end(records_end: int, segment_bytes: int) -> int:
+    """Where the zero fill written with a batch ending at ``records_end`` stops.
+
+    The fill is as large as what the segment already holds (at least
+    ``PREFILL_MIN_BYTES``, at most ``PREFILL_MAX_BYTES``), page aligned, and
+    never reaches past ``segment_bytes`` (the rotation point), so a small log
+    stays small and a full one extends about once per MiB.
+    """
+    grow = min(max(records_end, PREFILL_MIN_BYTES), PREFILL_MAX_BYTES)
+    aligned = -(-(records_end + grow) // 4096) * 4096
+    return max(records_end, min(aligned, segment_bytes))
 
 
 def verify_directory(
@@ -171,6 +189,7 @@ def verify_directory(
             expected = None
             continue
         cut = len(data) - scan.valid_end if scan.end is ScanEnd.TORN_TAIL else 0
+        zero_fill = len(data) - scan.valid_end if scan.end is ScanEnd.ZERO_FILL else 0
         torn += cut
         records += len(scan.records)
         first_lsn = scan.first_lsn if first_lsn is None else first_lsn
@@ -178,7 +197,13 @@ def verify_directory(
         expected = scan.next_lsn
         reports.append(
             SegmentReport(
-                segment.path, scan.first_lsn, scan.last_lsn, len(scan.records), len(data), cut
+                segment.path,
+                scan.first_lsn,
+                scan.last_lsn,
+                len(scan.records),
+                len(data),
+                cut,
+                zero_fill,
             )
         )
     return VerifyReport(tuple(reports), records, first_lsn, last_lsn, torn, tuple(problems))
@@ -215,8 +240,9 @@ class WriteAheadLog:
         self._closed = False
         # Owned by whichever thread holds the I/O role:
         self._active_fd: int | None = None
-        self._active_size = 0
+        self._active_size = 0  # where the next record goes
         self._active_durable_size = 0
+        self._active_file_size = 0  # records plus the zero fill after them
         self.recovery = RecoveryReport(0, 1, 0, 0, 0, None)
         # Records after ``keep_after_lsn`` found by the recovery scan, handed to
         # the first matching replay() so recovery reads and checks them once.
@@ -295,11 +321,13 @@ class WriteAheadLog:
             bytes_cut, cut_path = self._repair_torn_tail(active, data, scan.valid_end)
             if not scan.header_valid:
                 self._log.warning("wal.torn_header_rewritten", segment=active.path)
-        self._active_fd = io.open_append(active.path)
+        self._active_fd = io.open_write(active.path)
         self._active_size = self._active_durable_size = max(scan.valid_end, SEGMENT_HEADER_SIZE)
+        self._active_file_size = len(data) if scan.end is ScanEnd.ZERO_FILL else scan.valid_end
         if not scan.header_valid:
-            _write_all(io, self._active_fd, encode_segment_header(active.first_lsn))
+            _write_all(io, self._active_fd, encode_segment_header(active.first_lsn), 0)
             io.fdatasync(self._active_fd)
+            self._active_file_size = SEGMENT_HEADER_SIZE
         # The last segment may have been created but its directory entry never
         # synced; everything we recovered from must itself be durable.
         io.fsync_dir(directory)
@@ -347,11 +375,12 @@ class WriteAheadLog:
         segment = _Segment(1, os.path.join(self._dir, segment_name(1)))
         fd = io.create(segment.path)
         self._active_fd = fd
-        _write_all(io, fd, encode_segment_header(segment.first_lsn))
+        _write_all(io, fd, encode_segment_header(segment.first_lsn), 0)
         io.fdatasync(fd)
         io.fsync_dir(self._dir)
         self._segments = [segment]
         self._active_size = self._active_durable_size = SEGMENT_HEADER_SIZE
+        self._active_file_size = SEGMENT_HEADER_SIZE
         self.recovery = RecoveryReport(0, 1, 0, 0, 0, None)
 
     def _repair_torn_tail(
@@ -370,13 +399,13 @@ class WriteAheadLog:
             cut_path = os.path.join(cut_dir, f"{os.path.basename(active.path)}.{valid_end}.torn")
             fd = io.create(cut_path)
             try:
-                _write_all(io, fd, cut)
+                _write_all(io, fd, cut, 0)
                 io.fdatasync(fd)
             finally:
                 io.close(fd)
             io.fsync_dir(cut_dir)
         io.truncate(active.path, valid_end)
-        fd = io.open_append(active.path)
+        fd = io.open_write(active.path)
         try:
             io.fdatasync(fd)  # makes the new (smaller) size durable
         finally:
@@ -477,17 +506,26 @@ class WriteAheadLog:
         assert self._active_fd is not None
         if self._active_size >= self._segment_bytes and self._active_has_records():
             self._rotate(first_lsn)
+        offset = self._active_size
+        end = offset + len(batch)
+        if end > self._active_file_size:
+            # Extend the file with zeros ahead of the records, in this same
+            # write: the fdatasyncs of the next batches then change no file size.
+            fill_end = prefill_end(end, self._segment_bytes)
+            batch += bytes(fill_end - end)
         if self._ack_before_sync:
             # The planted bug: sync the previous batch only now, and
             # acknowledge this one without any fdatasync.
             self._io.fdatasync(self._active_fd)
-            _write_all(self._io, self._active_fd, batch)
-            self._active_size += len(batch)
+            _write_all(self._io, self._active_fd, batch, offset)
+        else:
+            _write_all(self._io, self._active_fd, batch, offset)
+        self._active_size = end
+        self._active_file_size = max(self._active_file_size, offset + len(batch))
+        if self._ack_before_sync:
             return
-        _write_all(self._io, self._active_fd, batch)
-        self._active_size += len(batch)
         self._io.fdatasync(self._active_fd)
-        self._active_durable_size = self._active_size
+        self._active_durable_size = end
 
     def _active_has_records(self) -> bool:
         return self._active_size > SEGMENT_HEADER_SIZE
@@ -499,10 +537,17 @@ class WriteAheadLog:
         record goes in, so a segment with a torn header never holds records.
         """
         io = self._io
+        if self._active_file_size > self._active_size and self._segments:
+            # Only the last segment may end in zero fill: cut it, durably,
+            # before a later segment exists.
+            assert self._active_fd is not None
+            io.truncate(self._segments[-1].path, self._active_size)
+            io.fdatasync(self._active_fd)
+            self._active_file_size = self._active_size
         segment = _Segment(first_lsn, os.path.join(self._dir, segment_name(first_lsn)))
         fd = io.create(segment.path)
         try:
-            _write_all(io, fd, encode_segment_header(first_lsn))
+            _write_all(io, fd, encode_segment_header(first_lsn), 0)
             io.fdatasync(fd)
             io.fsync_dir(self._dir)
         except BaseException:
@@ -511,6 +556,7 @@ class WriteAheadLog:
         old_fd = self._active_fd
         self._active_fd = fd
         self._active_size = self._active_durable_size = SEGMENT_HEADER_SIZE
+        self._active_file_size = SEGMENT_HEADER_SIZE
         with self._cond:
             self._segments.append(segment)
         if old_fd is not None:
@@ -531,7 +577,7 @@ class WriteAheadLog:
             self._io.truncate(self._segments[-1].path, self._active_durable_size)
         except OSError:
             self._log.warning("wal.discard_failed_batch_failed", segment=self._segments[-1].path)
-        self._active_size = self._active_durable_size
+        self._active_size = self._active_file_size = self._active_durable_size
 
     # --- failure discipline -----------------------------------------------------------
 

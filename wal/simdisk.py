@@ -118,10 +118,10 @@ class SimulatedDisk:
 
     # --- FileIO ----------------------------------------------------------------
 
-    def open_append(self, path: str) -> int:
+    def open_write(self, path: str) -> int:
         path = _norm(path)
         with self._lock:
-            self._record("open_append", path)
+            self._record("open_write", path)
             inode = self._files.get(path) or self._link_new(path)
             return self._new_fd(inode)
 
@@ -137,12 +137,14 @@ class SimulatedDisk:
                 inode.pending.append(("truncate", 0))
             return self._new_fd(inode)
 
-    def write(self, fd: int, data: bytes) -> int:
+    def write(self, fd: int, data: bytes, offset: int) -> int:
         with self._lock:
-            self._record("write", fd, bytes(data))
+            self._record("write", fd, bytes(data), offset)
             inode = self._fd(fd)
-            inode.pending.append(("write", len(inode.current), bytes(data)))
-            inode.current += data
+            inode.pending.append(("write", offset, bytes(data)))
+            if len(inode.current) < offset:
+                inode.current += bytes(offset - len(inode.current))
+            inode.current[offset : offset + len(data)] = data
             return len(data)
 
     def fdatasync(self, fd: int) -> None:

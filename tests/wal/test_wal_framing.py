@@ -96,7 +96,10 @@ def test_any_truncation_of_the_last_record_is_a_torn_tail(
     last_start = record_offsets(1, records)[-1]
     cut_at = data.draw(st.integers(last_start + 1, len(full) - 1))
     scan = scan_segment(full[:cut_at], expected_first_lsn=1, is_last_segment=True)
-    assert scan.end is ScanEnd.TORN_TAIL
+    # A prefix that happens to be all zero bytes (an empty payload's length)
+    # reads as zero fill; either way the next record goes at the same offset.
+    remains_zero = not full[last_start:cut_at].strip(b"\0")
+    assert scan.end is (ScanEnd.ZERO_FILL if remains_zero else ScanEnd.TORN_TAIL)
     assert scan.valid_end == last_start
     assert [r.lsn for r in scan.records] == list(range(1, len(records)))
 
@@ -111,13 +114,45 @@ def test_torn_tail_at_every_byte_of_the_last_record() -> None:
         assert scan.records == tuple(WalRecord(i + 1, *r) for i, r in enumerate(FOUR[:-1]))
 
 
-def test_zero_filled_tail_is_a_torn_tail() -> None:
+def test_zero_filled_tail_is_space_for_records_not_damage() -> None:
     full = build_segment(1, FOUR)
-    for zeros in (1, RECORD_HEADER_SIZE, 4096):
+    for zeros in (1, RECORD_HEADER_SIZE, 4096, 2**20):
         scan = scan_segment(full + bytes(zeros), expected_first_lsn=1, is_last_segment=True)
-        assert scan.end is ScanEnd.TORN_TAIL
+        assert scan.end is ScanEnd.ZERO_FILL
         assert scan.valid_end == len(full)
         assert len(scan.records) == 4
+    empty = scan_segment(
+        encode_segment_header(1) + bytes(4096), expected_first_lsn=1, is_last_segment=True
+    )
+    assert (empty.end, empty.valid_end, empty.records) == (
+        ScanEnd.ZERO_FILL,
+        SEGMENT_HEADER_SIZE,
+        (),
+    )
+
+
+def test_zero_fill_only_in_the_last_segment() -> None:
+    full = build_segment(1, FOUR)
+    with pytest.raises(WalCorruptionError, match="zero fill in a segment that is not the last"):
+        scan_segment(full + bytes(4096), expected_first_lsn=1, is_last_segment=False)
+
+
+def test_a_torn_record_inside_the_zero_fill_is_a_torn_tail() -> None:
+    # The last batch was written over the fill and torn: garbage, then zeros.
+    full = build_segment(1, FOUR)
+    last_start = record_offsets(1, FOUR)[-1]
+    torn = full[: last_start + 7] + bytes(2**20)
+    scan = scan_segment(torn, expected_first_lsn=1, is_last_segment=True)
+    assert scan.end is ScanEnd.TORN_TAIL
+    assert scan.valid_end == last_start
+
+
+def test_zeroed_records_inside_the_fill_with_a_valid_record_after_are_corruption() -> None:
+    full = build_segment(1, FOUR)
+    offsets = record_offsets(1, FOUR)
+    hole = full[: offsets[1]] + bytes(offsets[2] - offsets[1]) + full[offsets[2] :]
+    with pytest.raises(WalCorruptionError, match="a valid record"):
+        scan_segment(hole + bytes(4096), expected_first_lsn=1, is_last_segment=True)
 
 
 def test_record_overwritten_with_zeros_after_a_partial_write_is_torn() -> None:

@@ -27,6 +27,7 @@ from memosd.wal import (
     WalRecord,
     WriteAheadLog,
     encode_segment_header,
+    scan_segment,
     segment_name,
     verify_directory,
 )
@@ -55,6 +56,12 @@ def lsns(wal: WriteAheadLog, after: int = 0) -> list[int]:
 
 def first_segment(directory: Path) -> Path:
     return directory / segment_name(1)
+
+
+def records_only(segment: Path) -> bytes:
+    """The segment's bytes without the zero fill the log keeps ahead of its records."""
+    data = segment.read_bytes()
+    return data[: scan_segment(data, expected_first_lsn=None, is_last_segment=True).valid_end]
 
 
 def test_empty_directory_makes_a_fresh_log_at_lsn_1(tmp_path: Path) -> None:
@@ -88,7 +95,7 @@ def test_torn_tail_at_every_byte_of_the_last_record_is_cut_and_kept(tmp_path: Pa
     source = tmp_path / "source"
     with WriteAheadLog.open(source) as wal:
         fill(wal, 3)
-    full = first_segment(source).read_bytes()
+    full = records_only(first_segment(source))
     last_len = RECORD_HEADER_SIZE + len(payload_for(3))
     last_start = len(full) - last_len
     for cut_at in range(last_start + 1, len(full)):
@@ -112,14 +119,40 @@ def test_torn_tail_at_every_byte_of_the_last_record_is_cut_and_kept(tmp_path: Pa
             assert wal.recovery.bytes_cut == 0
 
 
-def test_zero_filled_tail_is_repaired(tmp_path: Path) -> None:
+def test_appends_overwrite_a_zero_fill_written_ahead_of_them(tmp_path: Path) -> None:
+    segment = first_segment(tmp_path)
     with WriteAheadLog.open(tmp_path) as wal:
         fill(wal, 4)
-    with first_segment(tmp_path).open("ab") as f:
-        f.write(bytes(4096))
+        records_end = len(records_only(segment))
+        # The first batch extended the file with zeros, so later fdatasyncs
+        # change no file size; the next batches go over those zeros.
+        size = segment.stat().st_size
+        assert size > records_end
+        assert not segment.read_bytes()[records_end:].strip(b"\0")
+        fill(wal, 3)
+        assert segment.stat().st_size == size
+    assert verify_directory(tmp_path).segments[0].zero_fill_bytes == size - len(
+        records_only(segment)
+    )
+    with segment.open("ab") as f:
+        f.write(bytes(4096))  # more zeros are still fill, not damage
     with WriteAheadLog.open(tmp_path) as wal:
-        assert lsns(wal) == [1, 2, 3, 4]
-        assert wal.recovery.bytes_cut == 4096
+        assert lsns(wal) == list(range(1, 8))
+        assert (wal.recovery.bytes_cut, wal.recovery.cut_path) == (0, None)
+        assert wal.append(1, b"after") == 8
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert lsns(wal) == list(range(1, 9))
+
+
+def test_rotation_cuts_the_zero_fill_off_the_old_segment(tmp_path: Path) -> None:
+    with WriteAheadLog.open(tmp_path, segment_bytes=4096) as wal:
+        while len(wal.segment_paths()) < 3:
+            fill(wal, 5)
+        paths = [Path(p) for p in wal.segment_paths()]
+        for old in paths[:-1]:
+            assert old.read_bytes() == records_only(old)
+        assert paths[-1].stat().st_size <= 4096
+    assert verify_directory(tmp_path).ok
 
 
 def test_verify_reports_a_torn_tail_without_repairing_it(tmp_path: Path) -> None:
@@ -131,8 +164,7 @@ def test_verify_reports_a_torn_tail_without_repairing_it(tmp_path: Path) -> None
         assert (clean.first_lsn, clean.last_lsn) == (1, 30)
         assert [s.path for s in clean.segments] == wal.segment_paths()
         last_path = Path(wal.segment_paths()[-1])
-    with last_path.open("ab") as f:
-        f.write(b"\x07" * 11)
+    last_path.write_bytes(records_only(last_path) + b"\x07" * 11)
     report = verify_directory(tmp_path)
     assert report.ok
     assert report.torn_tail_bytes == 11

@@ -18,8 +18,8 @@ def durable_setup() -> tuple[SimulatedDisk, int]:
     disk = SimulatedDisk()
     disk.makedirs("/d")
     disk.fsync_dir("/")
-    fd = disk.open_append("/d/f")
-    disk.write(fd, b"synced")
+    fd = disk.open_write("/d/f")
+    disk.write(fd, b"synced", 0)
     disk.fdatasync(fd)
     disk.fsync_dir("/d")
     return disk, fd
@@ -33,7 +33,7 @@ def test_synced_data_and_entries_always_survive() -> None:
 
 def test_unsynced_write_may_be_dropped_kept_torn_or_zeroed() -> None:
     disk, fd = durable_setup()
-    disk.write(fd, b"-pending")
+    disk.write(fd, b"-pending", 6)
     seen = {image.read_file("/d/f") for image in images(disk)}
     assert b"synced" in seen  # dropped
     assert b"synced-pending" in seen  # kept
@@ -44,8 +44,8 @@ def test_unsynced_write_may_be_dropped_kept_torn_or_zeroed() -> None:
 
 def test_new_file_needs_a_directory_fsync() -> None:
     disk, _fd = durable_setup()
-    fd = disk.open_append("/d/g")
-    disk.write(fd, b"data")
+    fd = disk.open_write("/d/g")
+    disk.write(fd, b"data", 0)
     disk.fdatasync(fd)
     present = [("g" in image.listdir("/d")) for image in images(disk)]
     assert any(present)
@@ -76,8 +76,8 @@ def test_directory_lost_with_its_parent_entry() -> None:
 def test_all_crash_points_replays_every_step() -> None:
     disk = SimulatedDisk(record_history=True)
     disk.makedirs("/d")
-    fd = disk.open_append("/d/f")
-    disk.write(fd, b"x")
+    fd = disk.open_write("/d/f")
+    disk.write(fd, b"x", 0)
     disk.fdatasync(fd)
     steps = [step for step, _state in disk.all_crash_points()]
     assert steps == [0, 1, 2, 3, 4]
