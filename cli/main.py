@@ -1116,7 +1116,7 @@ def wal_verify(
             segments = report.get("segments") or []
             s.line("")
             print_table(
-                ["SEGMENT", "FIRST LSN", "LAST LSN", "RECORDS", "BYTES", "TORN TAIL"],
+                ["SEGMENT", "FIRST LSN", "LAST LSN", "RECORDS", "BYTES", "TORN TAIL", "ZERO FILL"],
                 (
                     [
                         Path(str(_field(g, "path", ""))).name,
@@ -1125,6 +1125,7 @@ def wal_verify(
                         _field(g, "records"),
                         _field(g, "size"),
                         _field(g, "torn_tail_bytes"),
+                        _field(g, "zero_fill_bytes", 0),
                     ]
                     for g in segments
                 ),
