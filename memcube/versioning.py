@@ -455,7 +455,39 @@ def _parents(
     return tuple(dict.fromkeys(pairs))  # drop repeats, keep order
 
 
+# Provenances without parents (every add), by (source, actor, session,
+# operation): a Provenance is immutable, so versions may share one, and a
+# writer's adds repeat the same few (~1.3 us each to validate and build).
+_PROVENANCES: Final[dict[tuple[object, ...], Provenance]] = {}
+_PROVENANCES_MAX: Final = 1024
+
+
+def _plain(value: object) -> bool:
+    return value is None or type(value) is str
+
+
 def _provenance(
+    source: str | None,
+    actor: str | None,
+    session: str | None,
+    parents: tuple[tuple[str, int], ...],
+    operation: str,
+) -> Provenance:
+    if parents or not (_plain(source) and _plain(actor) and _plain(session)):
+        return _new_provenance(source, actor, session, parents, operation)
+    if type(operation) is not str and type(operation) is not Operation:
+        return _new_provenance(source, actor, session, parents, operation)
+    key = (source, actor, session, operation)
+    provenance = _PROVENANCES.get(key)
+    if provenance is None:
+        provenance = _new_provenance(source, actor, session, parents, operation)
+        if len(_PROVENANCES) >= _PROVENANCES_MAX:
+            _PROVENANCES.clear()
+        _PROVENANCES[key] = provenance
+    return provenance
+
+
+def _new_provenance(
     source: str | None,
     actor: str | None,
     session: str | None,

@@ -368,13 +368,14 @@ class StoreView:
         self.txn.put(key, codec.packb(change), db=self.dbs["changes"])
 
     def record_changes(self, entries: Iterable[tuple[int, int, list[Any]]]) -> None:
-        """Several :meth:`record_change` calls (the writer's hot path)."""
-        put = self.txn.put
-        db = self.dbs["changes"]
+        """Several :meth:`record_change` calls (the writer's hot path): one
+        ``putmulti``, not a Python-level ``put`` per entry (~0.6 us each)."""
         key = _CHANGE_KEY.pack
         pack = codec.packb
-        for lsn, index, change in entries:
-            put(key(lsn, index), pack(change), db=db)
+        items = [(key(lsn, index), pack(change)) for lsn, index, change in entries]
+        if items:
+            with self.txn.cursor(db=self.dbs["changes"]) as cur:
+                cur.putmulti(items)
 
     def changes_since(self, after_lsn: int, limit: int) -> list[tuple[int, list[Any]]]:
         out: list[tuple[int, list[Any]]] = []
