@@ -279,16 +279,12 @@ class StoreView:
         # wait for it (64 writers: their callers).  ``overwrite=False`` stores
         # the record only if the key is new and says whether it was.
         put = self.txn.put
-        if not put(
-            keys.version_key(cube, item_id, version),
-            record,
-            overwrite=False,
-            db=self.dbs["versions"],
-        ):
+        ikey = keys.item_key(cube, item_id)
+        vkey = ikey + keys.SEP + keys.pack_u32(version)  # keys.version_key
+        if not put(vkey, record, overwrite=False, db=self.dbs["versions"]):
             return  # replayed twice: versions are immutable
         for sha in payload_blob_refs(item_payload):
             self._add_blob_ref(sha, +1)
-        ikey = keys.item_key(cube, item_id)
         if version == 1:
             # Any stored latest version is >= 1: keep it, else point at 1.
             put(ikey, _VERSION_1, overwrite=False, db=self.dbs["latest"])
