@@ -181,5 +181,6 @@ def test_followers_are_woken_one_after_another_and_an_abandoned_one_passes_the_c
         t.join(5)
         assert not t.is_alive()
     assert results == {1: 1, 3: 3}
-    assert abandoned.done and abandoned.outcome() == 2
+    assert abandoned.done
+    assert abandoned.outcome() == 2
     committer.close()
