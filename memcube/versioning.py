@@ -62,6 +62,7 @@ __all__ = [
     "NotGiven",
     "archive",
     "as_of",
+    "build_new_item",
     "diff",
     "latest",
     "new_item",
@@ -137,6 +138,54 @@ def new_item(
 
     Every argument is validated (:class:`BadRequest`); ``metadata`` and
     ``payload`` are deep-copied, ``tags`` sorted and deduplicated.
+    """
+    return build_new_item(
+        id,
+        cube,
+        text,
+        now_us,
+        form,
+        tier,
+        actor,
+        source,
+        session,
+        parents,
+        tags,
+        metadata,
+        payload,
+        importance,
+        ttl_s,
+        valid_from_us,
+        valid_to_us,
+        operation,
+    )
+
+
+def build_new_item(  # noqa: PLR0917 - positional on purpose: the hot path
+    id: str,
+    cube: str,
+    text: str,
+    now_us: int,
+    form: str,
+    tier: str,
+    actor: str | None,
+    source: str | None,
+    session: str | None,
+    parents: Iterable[tuple[str, int]],
+    tags: Iterable[str],
+    metadata: dict[str, Any] | None,
+    payload: dict[str, Any] | None,
+    importance: float,
+    ttl_s: int | None,
+    valid_from_us: int | None,
+    valid_to_us: int | None,
+    operation: str,
+    /,
+) -> MemoryItem:
+    """:func:`new_item` with every argument given by position, in that order.
+
+    For the storage engine's add path: a call with 18 keyword arguments costs
+    ~1.7 us more here than one with positional ones.
     """
     if not is_valid_id(id):
         raise BadRequest(f"not a valid item id: {id!r}", reason="bad_id")
@@ -455,7 +504,39 @@ def _parents(
     return tuple(dict.fromkeys(pairs))  # drop repeats, keep order
 
 
+# Provenances without parents (every add), by (source, actor, session,
+# operation): a Provenance is immutable, so versions may share one, and a
+# writer's adds repeat the same few (~1.3 us each to validate and build).
+_PROVENANCES: Final[dict[tuple[object, ...], Provenance]] = {}
+_PROVENANCES_MAX: Final = 1024
+
+
+def _plain(value: object) -> bool:
+    return value is None or type(value) is str
+
+
 def _provenance(
+    source: str | None,
+    actor: str | None,
+    session: str | None,
+    parents: tuple[tuple[str, int], ...],
+    operation: str,
+) -> Provenance:
+    if parents or not (_plain(source) and _plain(actor) and _plain(session)):
+        return _new_provenance(source, actor, session, parents, operation)
+    if type(operation) is not str and type(operation) is not Operation:
+        return _new_provenance(source, actor, session, parents, operation)
+    key = (source, actor, session, operation)
+    provenance = _PROVENANCES.get(key)
+    if provenance is None:
+        provenance = _new_provenance(source, actor, session, parents, operation)
+        if len(_PROVENANCES) >= _PROVENANCES_MAX:
+            _PROVENANCES.clear()
+        _PROVENANCES[key] = provenance
+    return provenance
+
+
+def _new_provenance(
     source: str | None,
     actor: str | None,
     session: str | None,

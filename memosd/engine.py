@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import lmdb
 import structlog
@@ -149,8 +149,10 @@ class CubeExport:
 Plan = Callable[[Planner], Any]
 
 
-@dataclass(frozen=True, slots=True)
-class _Work:
+class _Work(NamedTuple):
+    """One submission to the group committer (a tuple: built once per write,
+    a frozen dataclass costs ~0.4 us more)."""
+
     kind: str  # "write" | "side" | "checkpoint" | "housekeeping" | "stop"
     plan: Plan | None = None
     side: Callable[[StoreView], None] | None = None
@@ -186,7 +188,6 @@ class Engine:
         self.settings = settings
         self._clock = clock
         self._last_us = 0
-        self._clock_lock = threading.Lock()
         self._ids = MonotonicIdFactory()
         self._listeners: list[Callable[[ChangeEvent], None]] = []
         self._free_space = free_space or (lambda: _disk_free(data_dir))
@@ -313,9 +314,12 @@ class Engine:
     # ------------------------------------------------------------------ writer
 
     def _now_us(self) -> int:
-        with self._clock_lock:
-            self._last_us = max(self._clock(), self._last_us + 1)
-            return self._last_us
+        # Writer only (the batch's leader; one batch runs at a time): no lock.
+        last = self._clock()
+        if last <= self._last_us:
+            last = self._last_us + 1
+        self._last_us = last
+        return last
 
     def _submit(self, plan: Plan) -> Any:
         if self._closed:

@@ -141,3 +141,46 @@ def test_a_second_outcome_is_ignored_and_the_first_stands() -> None:
     assert committer.submit(4) == 4
     assert committer.submit(5) == 5
     committer.close()
+
+
+def test_followers_are_woken_one_after_another_and_an_abandoned_one_passes_the_chain_on() -> None:
+    """The leader wakes the first follower, each woken follower the next
+    (see the module doc); a follower whose wait was interrupted never stops
+    the chain: whoever takes its released lock wakes the next one."""
+    gate = threading.Event()
+    first = threading.Event()
+
+    def process(batch: list[Submission[int]]) -> None:
+        first.set()
+        gate.wait(5)
+        for s in batch:
+            s.resolve(s.payload)
+
+    committer: GroupCommitter[int] = GroupCommitter(process, max_batch=64)
+    leader = threading.Thread(target=committer.submit, args=(0,))
+    leader.start()
+    assert first.wait(5)  # the leader is inside process(); the rest queue up
+    results: dict[int, int] = {}
+
+    def call(n: int) -> None:
+        results[n] = committer.submit(n)
+
+    followers = [threading.Thread(target=call, args=(n,)) for n in (1, 3)]
+    for t in followers:
+        t.start()
+    while len(committer._pending) < 2:
+        threading.Event().wait(0.001)
+    # Between them, a caller that queued and then gave up waiting (an
+    # interrupted wait): it will never pass the chain on itself.
+    abandoned: Submission[int] = Submission(2)
+    abandoned._abandoned = True
+    with committer._mutex:
+        committer._pending.insert(1, abandoned)
+    gate.set()
+    for t in [leader, *followers]:
+        t.join(5)
+        assert not t.is_alive()
+    assert results == {1: 1, 3: 3}
+    assert abandoned.done
+    assert abandoned.outcome() == 2
+    committer.close()
