@@ -320,10 +320,13 @@ class Server:
             return  # nothing but a routing id: nothing to answer
         # A REQ peer puts an empty delimiter frame before the message; echo it.
         split = 2 if len(frames) > 2 and len(frames[1].buffer) == 0 else 1
-        envelope: list[Any] = list(frames[:split])
-        peer = self._peer_of(frames[split] if len(frames) > split else frames[0])
+        envelope: list[Any] = frames[:split]  # a new list already
+        peer = _peer_of(frames[split] if len(frames) > split else frames[0], self._peers)
+        body = (
+            [frames[split].bytes] if len(frames) == split + 1 else [f.bytes for f in frames[split:]]
+        )
         try:
-            request = decode_request([f.bytes for f in frames[split:]], self.limits)
+            request = decode_request(body, self.limits)
         except MemosError as err:
             rid = err.details.get("id")
             _log.debug("bad request", code=err.code, reason=err.reason, pid=peer and peer.pid)
@@ -343,9 +346,6 @@ class Server:
                 return
             self._begin()
             tg.start_soon(self._handle, envelope, request, peer)
-
-    def _peer_of(self, frame: zmq.Frame) -> Peer | None:
-        return _peer_of(frame, self._peers)
 
     def _begin(self) -> None:
         self._inflight += 1

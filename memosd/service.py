@@ -921,9 +921,12 @@ def _get(svc: Service, call: Call) -> Any:
     a = call.args
     cube = a.req_str("cube")
     item_id = a.req_str("id")
-    version = a.opt_int("version")
-    as_of = a.opt_int("as_of_us")
-    a.done()
+    if a.all_seen():  # the latest version: nothing else to parse
+        version = as_of = None
+    else:
+        version = a.opt_int("version")
+        as_of = a.opt_int("as_of_us")
+        a.done()
     svc.require(call.identity, cube, "read")
     return item_to_wire(svc.engine.get(cube, item_id, version=version, as_of_us=as_of))
 
