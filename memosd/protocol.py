@@ -219,7 +219,7 @@ def decode_request(message: Sequence[bytes], limits: Limits) -> Request:
     try:
         if len(message) > limits.max_frames:
             raise TooLarge(f"more than {limits.max_frames} frames", reason="frames")
-        total = sum(len(f) for f in message)
+        total = len(message[0]) if len(message) == 1 else sum(map(len, message))
         if total > limits.max_message_bytes:
             raise TooLarge(
                 f"message of {total} bytes exceeds {limits.max_message_bytes}", reason="message"
@@ -258,7 +258,8 @@ def _request_from_header(
         raise BadRequest("header field 'token' must be a string", reason="bad_header")
     if has_refs:
         args = _resolve_refs(args, frames)
-    return Request(id=rid, op=op, args=args, token=token, frames=tuple(frames))
+    # Positional: a frozen dataclass's keyword call costs ~0.5 us more.
+    return Request(rid, op, args, token, tuple(frames) if frames else ())
 
 
 def encode_request(

@@ -93,13 +93,16 @@ class OpSpec:
         return self.kind == "inline"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Write:
     """What a write handler returns: run ``plan(planner)`` in a commit batch.
 
     ``finish`` turns the plan's result into the reply's result (on the event
     loop, after the commit).  ``acl_change``: the write may change cubes,
     grants or tokens, so the ACL cache is dropped before the reply is sent.
+    Not frozen: :meth:`Service.start_write` fills in ``principal`` on the
+    handler's fresh instance (a copy per write cost more than the rest of
+    that method).
     """
 
     plan: Callable[[Any], Any]
@@ -244,6 +247,10 @@ class Args:
         raw = self._raw
         self._seen.update(names)
         return {name: raw[name] for name in names if name in raw}
+
+    def all_seen(self) -> bool:
+        """Whether every argument sent was read already (no optional one is left)."""
+        return self._raw.keys() <= self._seen
 
     def done(self) -> None:
         if self._raw.keys() <= self._seen:
@@ -410,8 +417,8 @@ class Service:
             raise InternalError(f"{request.op} is not a write op")
         call = self._call(request, peer)
         planned: Write = spec.handler(self, call)
-        # Not dataclasses.replace(): that costs more than the rest of this method.
-        return Write(planned.plan, planned.finish, planned.acl_change, call.identity.principal)
+        planned.principal = call.identity.principal
+        return planned
 
     def submit_write(self, write: Write, on_done: Callable[[Submission[Any]], None]) -> None:
         """Submit a checked write to the engine's group commit; never blocks.
@@ -421,9 +428,15 @@ class Service:
         """
         self.engine.atomic_nowait(write.plan, on_done)
 
-    def finish_write(self, write: Write, outcome: Callable[[], Any]) -> Reply:
+    def finish_write(
+        self, write: Write, outcome: Callable[[], Any], *, last_lsn: int | None = None
+    ) -> Reply:
         """The reply of a resolved write; ``outcome()`` returns the plan's result
-        or raises the write's error (event loop thread)."""
+        or raises the write's error (event loop thread).
+
+        ``last_lsn``: the engine's last LSN read after the write resolved (the
+        server reads it once for a burst of completions); read here if not given.
+        """
         try:
             result = outcome()
         finally:
@@ -431,7 +444,9 @@ class Service:
                 self.invalidate_acl()
         if write.principal is not None:
             # The write is applied, so the engine's last LSN covers it.
-            self.written_lsn[write.principal] = self.engine.last_lsn
+            self.written_lsn[write.principal] = (
+                self.engine.last_lsn if last_lsn is None else last_lsn
+            )
         out = write.finish(result)
         return out if isinstance(out, Reply) else Reply(out)
 
@@ -826,6 +841,10 @@ def _item_fields(a: Args, names: tuple[str, ...]) -> dict[str, Any]:
 def _new_item_args(a: Args) -> tuple[str, str | None, dict[str, Any]]:
     """Text, form and keyword fields of one new item (``add``, an ``add_many`` entry)."""
     text = a.req_str("text")
+    if a.all_seen():
+        # Nothing but the text (and an add's cube): the common add, without
+        # looking up each optional field.
+        return text, None, {"source": None, "session": None}
     fields = _item_fields(a, _ITEM_FIELDS)
     fields["source"] = a.opt_str("source")
     fields["session"] = a.opt_str("session")
@@ -902,9 +921,12 @@ def _get(svc: Service, call: Call) -> Any:
     a = call.args
     cube = a.req_str("cube")
     item_id = a.req_str("id")
-    version = a.opt_int("version")
-    as_of = a.opt_int("as_of_us")
-    a.done()
+    if a.all_seen():  # the latest version: nothing else to parse
+        version = as_of = None
+    else:
+        version = a.opt_int("version")
+        as_of = a.opt_int("as_of_us")
+        a.done()
     svc.require(call.identity, cube, "read")
     return item_to_wire(svc.engine.get(cube, item_id, version=version, as_of_us=as_of))
 

@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 _NOT_GIVEN: Any = object()
+_PLAINTEXT: str = Form.PLAINTEXT.value  # an enum's .value is a property call
 
 
 def load_plugins(settings: Any) -> PluginManager:
@@ -46,7 +47,7 @@ def validate_add(
     manager: PluginManager, form: str | None, text: str, fields: dict[str, Any]
 ) -> str:
     """Validate a new item through its form; returns the text, updates ``fields["payload"]``."""
-    name = Form.PLAINTEXT.value if form is None else form
+    name = _PLAINTEXT if form is None else form
     if not isinstance(name, str):
         raise BadRequest("argument 'form' must be a string", reason="bad_arg", field="form")
     payload = fields.get("payload")
