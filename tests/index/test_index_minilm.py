@@ -66,3 +66,11 @@ def test_a_sorted_batch_embeds_each_text_as_alone(minilm: MiniLMEmbedder) -> Non
     together = minilm.embed(texts)
     alone = np.stack([minilm.embed([t])[0] for t in texts])
     assert np.allclose(together, alone, atol=1e-5)
+
+
+def test_one_text_embeds_as_in_a_batch(minilm: MiniLMEmbedder) -> None:
+    # A single text (a query) skips encode(); the vector is the same.
+    texts = ["where do I live", "I live in Berlin"]
+    batch = minilm.embed(texts)
+    for i, text in enumerate(texts):
+        assert np.allclose(minilm.embed([text])[0], batch[i], atol=1e-6)
