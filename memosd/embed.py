@@ -23,13 +23,14 @@ batch holds one, a search's query embedding takes another instead of waiting.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -56,7 +57,12 @@ DEFAULT_MODEL_NAME: Final = "all-MiniLM-L6-v2"
 
 @runtime_checkable
 class Embedder(Protocol):
-    """Turns texts into L2-normalised float32 vectors of a fixed dimension."""
+    """Turns texts into L2-normalised float32 vectors of a fixed dimension.
+
+    An embedder whose cost grows with a batch's longest text may also have
+    ``token_counts(texts) -> list[int]``: the indexer then sorts a backlog by
+    it before cutting batches (see :meth:`SentenceTransformerEmbedder.token_counts`).
+    """
 
     @property
     def model_name(self) -> str: ...
@@ -140,7 +146,9 @@ class SentenceTransformerEmbedder:
 
         if self.threads > 0 and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        return SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
+        model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
+        # Inference only, for good (encode() would set this again on every call).
+        return model.eval()
 
     @property
     def model_name(self) -> str:
@@ -151,24 +159,53 @@ class SentenceTransformerEmbedder:
         assert self._dim is not None
         return self._dim
 
+    @contextlib.contextmanager
+    def _instance(self) -> Iterator[Any]:
+        """A model instance for this thread: a free one, else the first once it is free."""
+        lock, slot = self._pool[0]
+        for candidate in self._pool:
+            if candidate[0].acquire(blocking=False):
+                lock, slot = candidate
+                break
+        else:
+            lock.acquire()
+        try:
+            if not slot:
+                slot.append(self._load())
+            yield slot[0]
+        finally:
+            lock.release()
+
     def embed(self, texts: Sequence[str]) -> Vectors:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        # Prefer a free instance; block on the first only if all are busy.
-        for lock, slot in self._pool:
-            if lock.acquire(blocking=False):
-                try:
-                    return self._encode(slot, texts)
-                finally:
-                    lock.release()
-        lock, slot = self._pool[0]
-        with lock:
-            return self._encode(slot, texts)
+        with self._instance() as model:
+            return self._encode(model, texts)
 
-    def _encode(self, slot: list[Any], texts: Sequence[str]) -> Vectors:
-        if not slot:
-            slot.append(self._load())
-        encoded = slot[0].encode(
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text as the model sees them (special tokens in, truncated).
+
+        A batch is padded to its longest text, so a caller embedding many
+        texts sorts them by this before cutting batches (the fast tokenizer
+        costs ~0.1 ms a text, an embedding ~100x that).
+        """
+        if not texts:
+            return []
+        with self._instance() as model:
+            max_length = getattr(model, "max_seq_length", None)
+            encoded = model.tokenizer(
+                list(texts),
+                truncation=max_length is not None,
+                max_length=max_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def _encode(self, model: Any, texts: Sequence[str]) -> Vectors:
+        if len(texts) == 1 and self.device == "cpu":
+            return self._encode_one(model, texts[0])
+        encoded = model.encode(
             list(texts),
             batch_size=self.batch_size,
             convert_to_numpy=True,
@@ -176,6 +213,21 @@ class SentenceTransformerEmbedder:
             show_progress_bar=False,
         )
         return normalize_rows(encoded)
+
+    def _encode_one(self, model: Any, text: str) -> Vectors:
+        """One text (a query) through the model's modules, without ``encode()``.
+
+        The same modules and tensors as ``encode()`` on one text, which adds
+        per-call work a single text does not need: a length sort, ``eval()``
+        over every submodule and a device lookup over the parameters - about
+        1 ms of CPU of a ~17 ms MiniLM query here (same vector, bit for bit).
+        """
+        import torch  # noqa: PLC0415 - loaded with the model (see _load)
+
+        with torch.inference_mode():
+            features = model.preprocess([text])
+            vector = model(features)["sentence_embedding"]
+            return normalize_rows(torch.nn.functional.normalize(vector, p=2, dim=1).numpy())
 
 
 class MiniLMEmbedder(SentenceTransformerEmbedder):

@@ -22,15 +22,15 @@ import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from typing import TYPE_CHECKING, Any, Final
 
 from memosd.errors import BadRequest, Conflict, CorruptionError
 from memosd.lora.settings import LoraSettings
+
+if TYPE_CHECKING:
+    # Imported where used: the daemon imports this module at start, and importing
+    # torch costs ~230 MB of RSS that a daemon without LoRA work never needs.
+    import torch
 
 __all__ = [
     "ADAPTER_FORMAT",
@@ -101,12 +101,17 @@ def encode_adapter(
         "base_fingerprint": base_fingerprint,
         "lora_config": json.dumps(_config_dict(settings), sort_keys=True),
     }
+    from safetensors.torch import save as save_safetensors  # noqa: PLC0415 - see the module's torch import
+
     data: bytes = save_safetensors(tensors, metadata=metadata)
     return data
 
 
 def decode_adapter(data: bytes) -> AdapterBlob:
     """Parse blob bytes; :class:`CorruptionError` if they are not an adapter blob."""
+    from safetensors import SafetensorError  # noqa: PLC0415 - see the module's torch import
+    from safetensors.torch import load as load_safetensors  # noqa: PLC0415 - see the module's torch import
+
     try:
         tensors: dict[str, torch.Tensor] = load_safetensors(data)
         header_len = int.from_bytes(data[:8], "little")

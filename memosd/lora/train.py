@@ -38,13 +38,15 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import msgpack
-import torch
 
 from memosd.errors import InternalError, MemosError, error_from_wire
 from memosd.lora.adapter import check_fingerprint, encode_adapter, lora_config, wrap_model
 from memosd.lora.dataset import TextTokenizer, batches, encode_text
 from memosd.lora.evaluate import EvaluationReport, evaluate_adapter, pad_batch, token_nll
 from memosd.lora.settings import LoraSettings
+
+# torch is imported where used: the daemon imports this module at start, and
+# importing torch costs ~230 MB of RSS that a daemon without LoRA work never needs.
 
 __all__ = [
     "MAX_GRAD_NORM",
@@ -170,6 +172,8 @@ def train_peft_model(
     early, keeping what it has, when the loss stops being finite (the gate
     will reject it); returns ``peft_model=None`` when ``should_stop()``.
     """
+    import torch  # noqa: PLC0415 - see the note on torch at the top
+
     if not sequences:
         raise InternalError("no training sequences")
     torch.manual_seed(settings.seed)
@@ -402,6 +406,8 @@ def _worker_main(spec_bytes: bytes, conn: Any, stop: Any) -> None:
         spec = msgpack.unpackb(spec_bytes)
         settings = LoraSettings.from_mapping(spec["settings"])
         if settings.torch_threads:
+            import torch  # noqa: PLC0415 - see the note on torch at the top
+
             torch.set_num_threads(settings.torch_threads)
         started = time.monotonic()
         send({"kind": "progress", "progress": _phase("loading", started)})

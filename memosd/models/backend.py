@@ -17,12 +17,15 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from memosd.errors import BadRequest, NotFound
 from memosd.models.fingerprint import model_fingerprint, short_fingerprint
+
+if TYPE_CHECKING:
+    # Imported where a model is used: the daemon imports this module at start,
+    # and importing torch costs ~230 MB of RSS (a daemon without models never needs it).
+    import torch
 
 __all__ = [
     "DTYPES",
@@ -32,14 +35,12 @@ __all__ = [
     "output_cache",
     "resolve_device",
     "resolve_dtype",
+    "torch_dtype_of",
 ]
 
-#: dtype names accepted by :meth:`HFBackend.load` ("auto": the config's dtype).
-DTYPES: Final[dict[str, torch.dtype]] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+#: dtype names accepted by :meth:`HFBackend.load` ("auto": the config's dtype);
+#: each is the name of a ``torch`` dtype.
+DTYPES: Final = ("float32", "float16", "bfloat16")
 
 
 @runtime_checkable
@@ -91,10 +92,20 @@ def resolve_dtype(dtype: str, directory: Path) -> str:
     return dtype
 
 
+def torch_dtype_of(name: str) -> torch.dtype:
+    """The ``torch`` dtype of a name from :data:`DTYPES`."""
+    import torch  # noqa: PLC0415 - see the module's torch import
+
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
+
+
 def resolve_device(device: str | None) -> str:
     """``None``/``"cpu"`` → cpu; ``"auto"`` → cuda when available; ``"cuda[:N]"`` checked."""
     if device is None or device == "cpu":
         return "cpu"
+    import torch  # noqa: PLC0415 - see the module's torch import
+
     if device == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -140,7 +151,7 @@ class HFBackend:
         device_name = resolve_device(device)
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         model: Any = AutoModelForCausalLM.from_pretrained(
-            str(directory), local_files_only=True, dtype=DTYPES[dtype_name]
+            str(directory), local_files_only=True, dtype=torch_dtype_of(dtype_name)
         )
         model.to(device_name)
         model.eval()
@@ -156,7 +167,7 @@ class HFBackend:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtype_of(self.dtype)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without BOS/EOS or other special tokens."""

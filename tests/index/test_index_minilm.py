@@ -53,3 +53,24 @@ def test_semantic_ranking(minilm: MiniLMEmbedder, tmp_path: Path) -> None:
         hits = svc.search(["me"], "do we have a dog", k=1)
         assert hits[0].item.text == "We adopted a puppy last spring"
         svc.close()
+
+
+def test_token_counts_are_what_a_batch_is_padded_to(minilm: MiniLMEmbedder) -> None:
+    # [CLS] and [SEP] included; a long text is cut at the model's 256 tokens.
+    assert minilm.token_counts(["hello", "hello world", "word " * 400]) == [3, 4, 256]
+    assert minilm.token_counts([]) == []
+
+
+def test_a_sorted_batch_embeds_each_text_as_alone(minilm: MiniLMEmbedder) -> None:
+    texts = ["hi", "a much longer sentence about the weather in Berlin last spring", "ok then"]
+    together = minilm.embed(texts)
+    alone = np.stack([minilm.embed([t])[0] for t in texts])
+    assert np.allclose(together, alone, atol=1e-5)
+
+
+def test_one_text_embeds_as_in_a_batch(minilm: MiniLMEmbedder) -> None:
+    # A single text (a query) skips encode(); the vector is the same.
+    texts = ["where do I live", "I live in Berlin"]
+    batch = minilm.embed(texts)
+    for i, text in enumerate(texts):
+        assert np.allclose(minilm.embed([text])[0], batch[i], atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -416,8 +417,42 @@ def test_a_backlog_is_embedded_by_embed_workers_in_order(
     assert (got == HashingEmbedder(64).embed(texts)).all()  # the input's order
     assert len(embedder.threads) == workers
     assert indexer.texts_embedded == 200
-    assert indexer.embed_calls == (13 if workers == 1 else 14)  # 16-text batches per share
+    assert indexer.embed_calls == 13  # 16-text batches, whichever worker embeds them
     assert indexer._embed(texts[:40]).shape == (40, 64)  # small: not split
+    indexer.stop()
+
+
+class CountingEmbedder(HashingEmbedder):
+    """The hashing embedder with a token count (words) and a record of each batch."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.batches: list[list[int]] = []
+        self._lock = threading.Lock()
+
+    def token_counts(self, texts: Any) -> list[int]:
+        return [len(t.split()) for t in texts]
+
+    def embed(self, texts: Any) -> Any:
+        with self._lock:
+            self.batches.append(self.token_counts(texts))
+        return super().embed(texts)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_backlog_is_cut_into_batches_of_similar_length(
+    engine: Engine, tmp_path: Path, workers: int
+) -> None:
+    embedder = CountingEmbedder(64)
+    settings = IndexSettings(snapshot_interval_s=0, batch_size=10, embed_workers=workers)
+    indexer = Indexer(engine, tmp_path / "index", embedder, settings)
+    texts = [" ".join(["word"] * (1 + (i * 37) % 50)) + f" {i}" for i in range(100)]
+    got = indexer._embed(texts)
+    assert (got == HashingEmbedder(64).embed(texts)).all()  # still the input's order
+    batches = sorted(embedder.batches)
+    assert len(batches) == 10
+    for shorter, longer in itertools.pairwise(batches):
+        assert max(shorter) <= min(longer)  # no batch mixes short and long texts
     indexer.stop()
 
 
