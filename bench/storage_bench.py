@@ -23,6 +23,7 @@ Run: ``.venv/bin/python bench/storage_bench.py``
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -203,9 +204,18 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--populate":
         populate(Path(sys.argv[2]))
         return 0
-    base = Path(
-        os.environ.get("BENCH_DIR", tempfile.mkdtemp(prefix="memosd-bench-", dir="/var/tmp"))
-    )
+    given = os.environ.get("BENCH_DIR")
+    if given:
+        return run(Path(given))
+    # A full run leaves ~3 GB of stores behind: a temporary directory goes.
+    base = Path(tempfile.mkdtemp(prefix="memosd-bench-", dir="/var/tmp"))
+    try:
+        return run(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run(base: Path) -> int:
     rows: list[tuple[str, str]] = []
     raw = statistics.median(raw_fdatasync_rate(base) for _ in range(REPEATS))
     rows.append(("raw write+fdatasync 1 KB (floor)", f"{raw:,.0f} /s"))
