@@ -515,11 +515,9 @@ class WriteAheadLog:
             batch += bytes(fill_end - end)
         if self._ack_before_sync:
             # The planted bug: sync the previous batch only now, and
-            # acknowledge this one without any fdatasync.
+            # acknowledge this one without any fdatasync (below).
             self._io.fdatasync(self._active_fd)
-            _write_all(self._io, self._active_fd, batch, offset)
-        else:
-            _write_all(self._io, self._active_fd, batch, offset)
+        _write_all(self._io, self._active_fd, batch, offset)
         self._active_size = end
         self._active_file_size = max(self._active_file_size, offset + len(batch))
         if self._ack_before_sync:
