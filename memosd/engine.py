@@ -850,13 +850,13 @@ class Engine:
         """
 
         def read(view: StoreView) -> list[MemoryItem | None]:
-            if view.cube(cube) is None:
+            if not view.has_cube(cube):
                 return [None] * len(item_ids)
-            found: list[MemoryItem | None] = []
-            for item_id in item_ids:
-                item = view.latest(cube, item_id)
-                found.append(None if item is None or item.status == Status.DELETED else item)
-            return found
+            deleted = Status.DELETED
+            return [
+                None if item is None or item.status == deleted else item
+                for item in view.latest_many(cube, item_ids)
+            ]
 
         return self._read(read)
 

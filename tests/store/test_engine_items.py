@@ -216,6 +216,7 @@ def test_reads_reuse_decoded_records_but_never_serve_stale_ones(engine: Engine) 
     engine.checkpoint()
     hit = engine.get("notes", item.id)
     assert (hit.usage.hits, hit.usage.last_hit_us, hit.text) == (1, 77, "v1")
+    assert engine.get_many("notes", [item.id]) == [hit]  # the batch read merges usage too
     # New versions, rollback and history read what is stored now.
     engine.update("notes", item.id, text="v2")
     assert engine.get("notes", item.id).text == "v2"
