@@ -24,7 +24,10 @@ Measured:
   bench/peers/memosd_lookup.py), so the query embedding is excluded; the
   MiniLM query-embedding cost is measured separately, and the LoCoMo rows
   give the latency with it included.  memosd is measured at the client
-  (including the IPC round trip); mem0 inside its own process.
+  (including the IPC round trip); mem0 inside its own process.  All systems
+  are up at once and each size's queries are timed in alternating rounds
+  (after the daemon's post-load work has settled), so machine noise lands
+  on all of them alike.
 * **LoCoMo** turn-level evidence recall@5/@10 (the metric and loader of
   bench/locomo.py), same texts, same MiniLM embedder.
 * **memory**: RSS of the serving process (memosd daemon, mem0 worker) after
@@ -38,6 +41,7 @@ Environment (quick defaults; ``BENCH_FULL=1`` switches to the full ones):
 
     BENCH_SIZES=1000,5000         corpus sizes for search latency (full: 1000,10000,100000)
     BENCH_QUERIES=200             queries per size (full: 300)
+    BENCH_SEARCH_ROUNDS=5         alternating timing rounds per size (each system in turn)
     BENCH_ADDS=200                adds per throughput run (full: 1000)
     BENCH_KILL_ROUNDS=3           kill -9 rounds per system (full: 20)
     BENCH_LOCOMO_CONVERSATIONS=1  LoCoMo conversations (full: 10)
@@ -121,6 +125,25 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
     except OSError:
         return None
     return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(
+    pid: int, *, window: float = 0.5, busy: float = 0.05, timeout: float = 300.0
+) -> None:
+    """Block until process ``pid`` uses under ``busy`` of a CPU over a ``window``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(window)
+        if cpu_seconds(pid) - before < busy * window:
+            return
 
 
 # --- the systems ------------------------------------------------------------------------
@@ -450,9 +473,22 @@ def section_search(tmp: Path, stores: list[str], out: dict[str, Any]) -> None:
         record("bare faiss (IndexFlatIP)", size, samples, None)
         del index
 
-    # memosd through the daemon.
+    # memosd and every mem0 store run side by side, loaded to each size in
+    # turn; each size's queries are then timed in alternating rounds (memosd
+    # dense, memosd hybrid, each mem0 store, repeat), so a busy minute on a
+    # shared machine lands on all systems alike instead of on whichever was
+    # measured then.
+    rounds = env_int("BENCH_SEARCH_ROUNDS", 5, 5)
     daemon = Memosd(tmp / "search-memosd", embedder="lookup", vectors=vectors)
-    with running(daemon), daemon.client() as c:
+    peers = {
+        store: Mem0(tmp / f"search-mem0-{store}", store=store, embedder="lookup", vectors=vectors)
+        for store in stores
+    }
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(running(daemon))
+        c = stack.enter_context(daemon.client())
+        for peer in peers.values():
+            stack.enter_context(running(peer))
         c.create_cube("big")
         loaded = 0
         for size in sizes:
@@ -461,34 +497,35 @@ def section_search(tmp: Path, stores: list[str], out: dict[str, Any]) -> None:
             c.search("big", qtexts[0], k=1, mode="dense")  # waits until indexed
             kind = daemon.wait_dense_built("big")
             load_s = time.perf_counter() - started
+            peer_load_s = {}
+            for store, peer in peers.items():
+                texts = [doc_text(i) for i in range(loaded, size)]
+                got = peer.call({"op": "bulk_load", "start": loaded, "texts": texts})
+                peer_load_s[store] = got["seconds"]
             loaded = size
+            # Steady state: the daemon's work after a bulk load (index
+            # snapshot, change-log pruning) is done before timing starts.
+            wait_quiet(daemon.pid)
             for mode in ("dense", "hybrid"):
                 for q in qtexts[:20]:  # warm-up
                     c.search("big", q, k=K, mode=mode)
-                samples = []
-                for q in qtexts:
-                    t = time.perf_counter()
-                    c.search("big", q, k=K, mode=mode)
-                    samples.append(time.perf_counter() - t)
-                record(f"memosd {mode}", size, samples, daemon.pid, index=kind, load_s=load_s)
-
-    # mem0, per store.
-    for store in stores:
-        peer = Mem0(tmp / f"search-mem0-{store}", store=store, embedder="lookup", vectors=vectors)
-        with running(peer):
-            loaded = 0
-            for size in sizes:
-                r = peer.call(
-                    {
-                        "op": "bulk_load",
-                        "start": loaded,
-                        "texts": [doc_text(i) for i in range(loaded, size)],
-                    }
-                )
-                loaded = size
+            for peer in peers.values():
                 peer.call({"op": "search_many", "queries": qtexts[:20], "k": K})
-                s = peer.call({"op": "search_many", "queries": qtexts, "k": K})
-                record(f"mem0 ({store})", size, s["latencies"], peer.pid, load_s=r["seconds"])
+            samples: dict[str, list[float]] = {name: [] for name in ("dense", "hybrid", *peers)}
+            for r in range(rounds):
+                chunk = qtexts[r::rounds]
+                for mode in ("dense", "hybrid"):
+                    for q in chunk:
+                        t = time.perf_counter()
+                        c.search("big", q, k=K, mode=mode)
+                        samples[mode].append(time.perf_counter() - t)
+                for store, peer in peers.items():
+                    got = peer.call({"op": "search_many", "queries": chunk, "k": K})
+                    samples[store].extend(got["latencies"])
+            for mode in ("dense", "hybrid"):
+                record(f"memosd {mode}", size, samples[mode], daemon.pid, index=kind, load_s=load_s)
+            for store, peer in peers.items():
+                record(f"mem0 ({store})", size, samples[store], peer.pid, load_s=peer_load_s[store])
     out["search"] = rows
 
 
