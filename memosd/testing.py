@@ -23,6 +23,9 @@ Fixtures:
   :class:`~memosd.plugins.manager.PluginManager` with the built-ins and the
   given plugin modules, to test forms and policies in-process.
 
+Helper: :func:`fuzz_examples` scales a hypothesis test's example count by
+``MEMOSD_FUZZ_SCALE`` (default 1, CI-sized; ``bench/soak.py`` runs more).
+
 Plugin authors: ``pytest_plugins = ["memosd.testing"]`` in a ``conftest.py``
 makes all of them available (docs/plugins.md).
 
@@ -51,6 +54,7 @@ from memosd.errors import MemosError
 
 __all__ = [
     "DaemonHandle",
+    "fuzz_examples",
     "memosd_daemon",
     "memosd_daemon_factory",
     "memosd_engine",
@@ -58,6 +62,24 @@ __all__ = [
     "settings_env",
     "wait_until_ready",
 ]
+
+
+def fuzz_examples(base: int) -> int:
+    """``base`` hypothesis examples times ``MEMOSD_FUZZ_SCALE`` (a positive number, default 1).
+
+    Fuzz tests keep a CI-sized default; long runs raise the scale
+    (``MEMOSD_FUZZ_SCALE=20``, as ``bench/soak.py`` does) instead of editing
+    the tests.  A malformed value is an error, not a silent default.
+    """
+    raw = os.environ.get("MEMOSD_FUZZ_SCALE", "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        raise ValueError(f"MEMOSD_FUZZ_SCALE must be a number, got {raw!r}") from None
+    if not scale > 0:
+        raise ValueError(f"MEMOSD_FUZZ_SCALE must be positive, got {raw!r}")
+    return max(1, round(base * scale))
+
 
 _SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes on Linux; keep a margin
 

@@ -23,6 +23,7 @@ from memosd.portable import (
     load_cube,
     read_portable,
 )
+from memosd.testing import fuzz_examples
 
 NOW_US = 1_790_000_000_000_000
 
@@ -229,7 +230,9 @@ def test_a_zip_or_a_pickle_is_not_a_cube_file() -> None:
         load_cube(pickle.dumps({"a": 1}))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=fuzz_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(garbage=st.binary(max_size=4096))
 def test_garbage_raises_only_typed_errors(garbage: bytes) -> None:
     for data in (garbage, MAGIC + garbage):
@@ -238,7 +241,9 @@ def test_garbage_raises_only_typed_errors(garbage: bytes) -> None:
         assert isinstance(info.value, BadRequest | TooLarge)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=fuzz_examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(payload=st.binary(max_size=2048), count=st.integers(0, 8))
 def test_garbage_with_a_valid_digest_raises_only_typed_errors(payload: bytes, count: int) -> None:
     """Past the digest check, the framing and decoders still only raise typed errors."""
@@ -248,7 +253,9 @@ def test_garbage_with_a_valid_digest_raises_only_typed_errors(payload: bytes, co
     assert isinstance(info.value, BadRequest | TooLarge)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=fuzz_examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     sections=st.dictionaries(
         st.sampled_from(["cube.msgpack", "grants.msgpack", "items.msgpack", "purges.msgpack"]),

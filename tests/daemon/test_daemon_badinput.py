@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from memosd.errors import Unavailable
 from memosd.protocol import decode_response, encode_request
-from memosd.testing import DaemonHandle
+from memosd.testing import DaemonHandle, fuzz_examples
 
 
 @pytest.fixture
@@ -212,7 +212,9 @@ def test_fuzz_the_real_socket(
             reply = reply[1:]  # we looked like a REQ peer: the daemon echoed the delimiter
         decode_response(reply)  # every reply is a well-formed response
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=fuzz_examples(300), deadline=None, suppress_health_check=list(HealthCheck)
+    )
     @given(frame_lists)
     def fuzz(frames: list[bytes]) -> None:
         sock.send_multipart(frames)

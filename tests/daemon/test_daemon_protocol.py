@@ -25,6 +25,7 @@ from memosd.protocol import (
     item_to_wire,
     to_wire,
 )
+from memosd.testing import fuzz_examples
 
 LIMITS = Limits(max_message_bytes=1 << 20, max_str_len=1 << 16, max_bin_len=1 << 16)
 
@@ -129,14 +130,14 @@ def test_error_round_trip_preserves_class() -> None:
     assert err.reason == "deleted"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(st.lists(st.binary(max_size=200), min_size=1, max_size=4))
 def test_arbitrary_frames_never_escape_untyped(frames: list[bytes]) -> None:
     with contextlib.suppress(BadRequest, TooLarge):
         decode_request(frames, LIMITS)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(
     st.recursive(
         st.none()
@@ -259,3 +260,16 @@ def test_search_hits_build_their_items_on_first_access() -> None:
         _ = broken.item
     with pytest.raises(BadRequest):
         _hits([{"item": [], "score": 1}])
+
+
+def test_fuzz_example_counts_scale_with_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEMOSD_FUZZ_SCALE", raising=False)
+    assert fuzz_examples(300) == 300
+    monkeypatch.setenv("MEMOSD_FUZZ_SCALE", "20")
+    assert fuzz_examples(300) == 6000
+    monkeypatch.setenv("MEMOSD_FUZZ_SCALE", "0.001")
+    assert fuzz_examples(300) == 1  # never zero examples
+    for bad in ("lots", "0", "-2"):
+        monkeypatch.setenv("MEMOSD_FUZZ_SCALE", bad)
+        with pytest.raises(ValueError, match="MEMOSD_FUZZ_SCALE"):
+            fuzz_examples(300)

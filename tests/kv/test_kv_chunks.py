@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memosd.kv.chunks import PartialCandidate, chunk_key, chunk_spans, plan_reuse
+from memosd.testing import fuzz_examples
 
 FP = "ab" * 32
 
@@ -35,7 +36,7 @@ def test_key_is_byte_exact() -> None:
     assert chunk_key(FP, "", [258]) != chunk_key(FP, "", [2, 1])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=fuzz_examples(60), deadline=None)
 @given(
     old=st.lists(st.integers(0, 300), min_size=1, max_size=80),
     extra=st.lists(st.integers(0, 300), min_size=0, max_size=40),

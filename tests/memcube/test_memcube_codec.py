@@ -34,6 +34,7 @@ from memosd.memcube import (
 )
 from memosd.memcube.codec import decode_item_keys, pack_raw
 from memosd.memcube.model import MAX_METADATA_DEPTH, Operation
+from memosd.testing import fuzz_examples
 
 # --- strategies ----------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ def test_buffer_inputs() -> None:
 
 # --- round trips ----------------------------------------------------------------------
 
-ROUND_TRIP = settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+ROUND_TRIP = settings(max_examples=fuzz_examples(300), suppress_health_check=[HealthCheck.too_slow])
 
 
 @ROUND_TRIP
@@ -318,13 +319,13 @@ def decodes_or_codec_error(data: bytes) -> None:
             encode_purge(value)
 
 
-@settings(max_examples=500)
+@settings(max_examples=fuzz_examples(500))
 @given(st.binary(max_size=400))
 def test_garbage_is_codec_error(data: bytes) -> None:
     decodes_or_codec_error(data)
 
 
-@settings(max_examples=300)
+@settings(max_examples=fuzz_examples(300))
 @given(items(), st.data())
 def test_truncated_is_codec_error(item: MemoryItem, data: st.DataObject) -> None:
     encoded = encode_item(item)
@@ -335,7 +336,7 @@ def test_truncated_is_codec_error(item: MemoryItem, data: st.DataObject) -> None
         decode_item(encoded + b"\x00")  # trailing bytes
 
 
-@settings(max_examples=500)
+@settings(max_examples=fuzz_examples(500))
 @given(items() | CUBES.map(encode_cube) | PURGES.map(encode_purge), st.data())
 def test_mutated_bytes_codec_error_only(value: MemoryItem | bytes, data: st.DataObject) -> None:
     encoded = bytearray(encode_item(value) if isinstance(value, MemoryItem) else value)
@@ -345,7 +346,7 @@ def test_mutated_bytes_codec_error_only(value: MemoryItem | bytes, data: st.Data
     decodes_or_codec_error(bytes(encoded))
 
 
-@settings(max_examples=200)
+@settings(max_examples=fuzz_examples(200))
 @given(st.recursive(LEAVES, lambda inner: st.lists(inner) | st.dictionaries(LEAVES, inner)))
 def test_arbitrary_msgpack_values_codec_error_only(value: Any) -> None:
     try:
@@ -465,7 +466,7 @@ def test_packb_refuses_unencodable() -> None:
         packb(1 << 70)
 
 
-@settings(max_examples=200)
+@settings(max_examples=fuzz_examples(200))
 @given(st.recursive(LEAVES, lambda inner: st.lists(inner) | st.dictionaries(LEAVES, inner)))
 def test_reused_packer_writes_what_msgpack_packb_writes(value: Any) -> None:
     try:

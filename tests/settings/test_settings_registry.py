@@ -21,6 +21,7 @@ from memosd.settings import (
     render_markdown_table,
     settings_as_dict,
 )
+from memosd.testing import fuzz_examples
 
 HOME_ENV = {"HOME": "/home/alice"}
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -278,7 +279,7 @@ def test_committed_settings_table_is_current() -> None:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(
     name=st.sampled_from([i.env for i in describe_settings()]),
     value=st.text(max_size=40),
@@ -290,7 +291,7 @@ def test_any_env_value_is_accepted_or_a_settings_error(name: str, value: str) ->
         assert name in str(error) or "must" in str(error)  # noqa: PT017 - all other types fail
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(
     doc=st.dictionaries(
         st.sampled_from(["log", "server", "storage", "auth", "data_dir", "bogus"]),
