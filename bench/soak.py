@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+TEST_TIMEOUT_S = 4 * 3600  # per test; the suite's own limit is sized for CI
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,11 @@ def main() -> int:
             continue
         size = size_for(run, scale)
         env = {**os.environ, run.knob: size, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        # --show-capture=no: a failure prints its traceback and assertion,
+        # not thousands of captured log lines of the rounds before it.
+        # --timeout: the suite's per-test limit (pytest-timeout) is sized for CI.
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--show-capture=no"]
+        cmd += ["--timeout", str(TEST_TIMEOUT_S)]
         cmd += [*run.pytest_args, *run.tests]
         print(f"== {run.name}: {run.knob}={size}", flush=True)
         started = time.monotonic()
@@ -99,8 +104,10 @@ def main() -> int:
         summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
         if proc.returncode != 0:
             failed = True
-            print(proc.stdout[-20_000:], proc.stderr[-5_000:], sep="\n", flush=True)
+            start = max(0, proc.stdout.find("= FAILURES ="))
+            print(proc.stdout[start : start + 30_000], proc.stderr[-5_000:], sep="\n", flush=True)
         rows.append((run.name, f"{run.knob}={size}", summary, seconds))
+        print(f"   {summary} ({seconds:.0f} s)", flush=True)
     print()
     print(f"{'run':<10} {'size':<32} {'seconds':>8}  outcome")
     for name, size, summary, seconds in rows:
