@@ -44,6 +44,7 @@ AREAS: list[tuple[str, str]] = [
     ("scheduler", "Scheduler (issue 5)"),
     ("kv", "Activation memory (issue 6)"),
     ("lora", "Parameter memory (issue 7)"),
+    ("soak", "Crash and fuzz tests at full size (make soak)"),
 ]
 
 HEADER = (
