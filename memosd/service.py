@@ -253,7 +253,7 @@ class Args:
         return self._raw.keys() <= self._seen
 
     def done(self) -> None:
-        if self._raw.keys() <= self._seen:
+        if self.all_seen():
             return
         unknown = set(self._raw) - self._seen
         if unknown:

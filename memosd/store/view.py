@@ -154,18 +154,15 @@ class StoreView:
         """``[self.latest(cube, i) for i in item_ids]`` in one loop (a search's hits).
 
         The ``latest`` record is the version number packed as in a version
-        key, so the version key is the item key plus those bytes; a cached
-        decode whose version and usage records are both unchanged is served
-        as is.  About half the CPU of calling :meth:`latest` per id.
+        key, so the version key is the item key plus those bytes (no unpack
+        and repack).  About a third less CPU than calling :meth:`latest` per
+        id (ten cached items, measured here).
         """
         get = self.txn.get
-        dbs = self.dbs
-        latest_db = dbs["latest"]
-        versions_db = dbs["versions"]
-        usage_db = dbs["usage"]
-        cache = None if self._caches is None else self._caches.items
-        prefix = cube.encode() + keys.SEP
-        version_sep = keys.SEP
+        latest_db = self.dbs["latest"]
+        versions_db = self.dbs["versions"]
+        usage_db = self.dbs["usage"]
+        prefix = keys.cube_prefix(cube)
         out: list[MemoryItem | None] = []
         for item_id in item_ids:
             ikey = prefix + item_id.encode()
@@ -173,20 +170,14 @@ class StoreView:
             if packed is None:
                 out.append(None)
                 continue
-            vkey = ikey + version_sep + bytes(packed)
+            vkey = ikey + keys.SEP + bytes(packed)
             raw = get(vkey, db=versions_db)
             if raw is None:
                 out.append(None)
                 continue
-            raw = bytes(raw)
             usage_raw = get(ikey, db=usage_db)
-            if usage_raw is not None:
-                usage_raw = bytes(usage_raw)
-            entry = None if cache is None else cache.get(vkey)
-            if entry is not None and entry.record == raw and entry.usage_record == usage_raw:
-                out.append(entry.item)
-            else:
-                out.append(self._decode_version(vkey, raw, usage_raw))
+            usage = None if usage_raw is None else bytes(usage_raw)
+            out.append(self._decode_version(vkey, bytes(raw), usage))
         return out
 
     def history(self, cube: str, item_id: str) -> list[MemoryItem]:
