@@ -404,17 +404,32 @@ class ThreadRecordingEmbedder(HashingEmbedder):
         return super().embed(texts)
 
 
+def _embed_backlog(
+    engine: Engine,
+    tmp_path: Path,
+    embedder: HashingEmbedder,
+    texts: list[str],
+    *,
+    batch_size: int,
+    workers: int,
+) -> tuple[Indexer, Any]:
+    """An indexer over ``embedder`` and its embedding of ``texts``, checked to be
+    in the input's order whatever batches and workers it went through."""
+    settings = IndexSettings(snapshot_interval_s=0, batch_size=batch_size, embed_workers=workers)
+    indexer = Indexer(engine, tmp_path / "index", embedder, settings)
+    got = indexer._embed(texts)
+    assert (got == HashingEmbedder(embedder.dim).embed(texts)).all()  # the input's order
+    return indexer, got
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_backlog_is_embedded_by_embed_workers_in_order(
     engine: Engine, tmp_path: Path, workers: int
 ) -> None:
     embedder = ThreadRecordingEmbedder(64)
-    settings = IndexSettings(snapshot_interval_s=0, batch_size=16, embed_workers=workers)
-    indexer = Indexer(engine, tmp_path / "index", embedder, settings)
     texts = [f"memory number {i} about topic {i % 7}" for i in range(200)]
-    got = indexer._embed(texts)
+    indexer, got = _embed_backlog(engine, tmp_path, embedder, texts, batch_size=16, workers=workers)
     assert got.shape == (200, 64)
-    assert (got == HashingEmbedder(64).embed(texts)).all()  # the input's order
     assert len(embedder.threads) == workers
     assert indexer.texts_embedded == 200
     assert indexer.embed_calls == 13  # 16-text batches, whichever worker embeds them
@@ -444,11 +459,8 @@ def test_a_backlog_is_cut_into_batches_of_similar_length(
     engine: Engine, tmp_path: Path, workers: int
 ) -> None:
     embedder = CountingEmbedder(64)
-    settings = IndexSettings(snapshot_interval_s=0, batch_size=10, embed_workers=workers)
-    indexer = Indexer(engine, tmp_path / "index", embedder, settings)
     texts = [" ".join(["word"] * (1 + (i * 37) % 50)) + f" {i}" for i in range(100)]
-    got = indexer._embed(texts)
-    assert (got == HashingEmbedder(64).embed(texts)).all()  # still the input's order
+    indexer, _ = _embed_backlog(engine, tmp_path, embedder, texts, batch_size=10, workers=workers)
     batches = sorted(embedder.batches)
     assert len(batches) == 10
     for shorter, longer in itertools.pairwise(batches):
