@@ -1,5 +1,7 @@
 """Write a benchmark's result as JSON for bench/render.py (helper, not a benchmark).
 
+Also the machine facts benchmarks share (:func:`machine`, :func:`process_cpu_s`).
+
     from _result import write_result   # bench/ is on sys.path when a bench runs
     write_result("kv", "Activation memory", tables=[{"columns": [...], "rows": [...]}])
 
@@ -31,6 +33,13 @@ def machine() -> dict[str, Any]:
         "load": [round(x, 1) for x in os.getloadavg()],
         "python": sys.version.split()[0],
     }
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def command_line(script: str, prefixes: tuple[str, ...] = ("BENCH_",)) -> str:

@@ -81,7 +81,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from _result import command_line, write_result  # noqa: E402
+from _result import command_line, process_cpu_s, write_result  # noqa: E402
 
 PEER_PY = REPO / "bench" / ".venv-peers" / "bin" / "python"
 WORKER = REPO / "bench" / "peers" / "mem0_worker.py"
@@ -127,22 +127,15 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
     return None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def wait_quiet(
     pid: int, *, window: float = 0.5, busy: float = 0.05, timeout: float = 300.0
 ) -> None:
     """Block until process ``pid`` uses under ``busy`` of a CPU over a ``window``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        before = cpu_seconds(pid)
+        before = process_cpu_s(pid)
         time.sleep(window)
-        if cpu_seconds(pid) - before < busy * window:
+        if process_cpu_s(pid) - before < busy * window:
             return
 
 

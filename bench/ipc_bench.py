@@ -38,6 +38,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from _result import process_cpu_s  # bench/ is on sys.path when a bench runs
 
 from memosd.protocol import encode_request
 from memosd.testing import DaemonHandle
@@ -81,13 +82,6 @@ def start_echo(code: str, endpoint: str, size: int) -> subprocess.Popen[str]:
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     return proc
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:

@@ -102,10 +102,22 @@ def engine_rate(directory: Path, writers: int, total: int) -> tuple[float, float
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - start
-    flat = sorted(x for lat in latencies for x in lat)
-    p50 = flat[len(flat) // 2] * 1e3
-    p99 = flat[min(len(flat) - 1, int(len(flat) * 0.99))] * 1e3
-    return len(flat) / elapsed, p50, p99
+    flat = [x for lat in latencies for x in lat]
+    return (len(flat) / elapsed, *_p50_p99_ms(flat))
+
+
+def _p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
+    """Median and 99th percentile of latencies in seconds, in milliseconds."""
+    ordered = sorted(latencies)
+    p50 = ordered[len(ordered) // 2] * 1e3
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3
+    return p50, p99
+
+
+def _medians(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The median rate, p50 and p99 over repeated ``(rate, p50, p99)`` runs."""
+    rates, p50s, p99s = zip(*runs, strict=True)
+    return statistics.median(rates), statistics.median(p50s), statistics.median(p99s)
 
 
 def engine_rate_in_flight(
@@ -143,10 +155,7 @@ def engine_rate_in_flight(
             engine.atomic_nowait(plan, functools.partial(done, time.perf_counter()))
         finished.wait()
         elapsed = time.perf_counter() - start
-    latencies.sort()
-    p50 = latencies[len(latencies) // 2] * 1e3
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e3
-    return total / elapsed, p50, p99
+    return (total / elapsed, *_p50_p99_ms(latencies))
 
 
 class _NoSyncIO(OsFileIO):
@@ -272,17 +281,13 @@ def run(base: Path) -> int:
             d = base / f"w{writers}-{r}"
             total = WRITES if writers > 1 else min(WRITES, 5000)
             runs.append(engine_rate(d, writers, total))
-        rate = statistics.median(x[0] for x in runs)
-        p50 = statistics.median(x[1] for x in runs)
-        p99 = statistics.median(x[2] for x in runs)
+        rate, p50, p99 = _medians(runs)
         ratio = f" ({raw / rate:.2f}x of floor, {zeroed / rate:.2f}x zero-filled)"
         ratio = ratio if writers == 1 else ""
         rows.append((f"acked adds, {writers} writers", f"{rate:,.0f} /s{ratio}"))
         rows.append((f"  ack latency p50 / p99, {writers} writers", f"{p50:.2f} / {p99:.2f} ms"))
     runs = [engine_rate_in_flight(base / f"if64-{r}", 64, WRITES) for r in range(REPEATS)]
-    rate = statistics.median(x[0] for x in runs)
-    p50 = statistics.median(x[1] for x in runs)
-    p99 = statistics.median(x[2] for x in runs)
+    rate, p50, p99 = _medians(runs)
     rows.append(("acked adds, 64 in flight from one thread (callbacks)", f"{rate:,.0f} /s"))
     rows.append(("  ack latency p50 / p99, 64 in flight", f"{p50:.2f} / {p99:.2f} ms"))
     for writers in (1, 64):
