@@ -130,13 +130,17 @@ class InProcess:
 
     label = "in-process (Engine + SearchService)"
 
-    def __init__(self, data_dir: Path, settings: Any) -> None:
+    def __init__(self, data_dir: Path, settings: Any, embed_dtype: str = "auto") -> None:
+        from memosd.embed import MiniLMEmbedder
         from memosd.engine import Engine
         from memosd.index import SearchService
 
         self.settings = settings
         self.engine = Engine.open(data_dir)
-        self.service = SearchService(self.engine, data_dir, settings=settings)
+        embedder = MiniLMEmbedder(
+            threads=settings.embed_threads, pool_size=settings.embed_workers + 1, dtype=embed_dtype
+        )
+        self.service = SearchService(self.engine, data_dir, embedder=embedder, settings=settings)
         self.service.start()
         self.service.wait_ready()
 
@@ -165,7 +169,11 @@ class Daemon:
     label = "through the daemon (memosd subprocess, ipc socket)"
 
     def __init__(
-        self, data_dir: Path, fusion: str | None, tiers: dict[str, Any] | None = None
+        self,
+        data_dir: Path,
+        fusion: str | None,
+        tiers: dict[str, Any] | None = None,
+        embed_dtype: str = "auto",
     ) -> None:
         from memosd.client import Client
         from memosd.index import IndexSettings
@@ -181,6 +189,7 @@ class Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMOSD_", "NOTIFY_"))}
         env.update(
             MEMOSD_INDEX_EMBEDDER="minilm",
+            MEMOSD_INDEX_EMBED_DTYPE=embed_dtype,
             MEMOSD_INDEX_WAIT_TIMEOUT_S="3600",
             # The first search waits for MiniLM to index every turn: minutes on a busy box.
             MEMOSD_SERVER_REQUEST_TIMEOUT_S="3600",
@@ -334,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         help="index each turn with the previous turn of its session as retrieval context",
     )
     parser.add_argument("--fusion", choices=("score", "rrf"), default=None)
+    parser.add_argument(
+        "--embed-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="MiniLM weights' precision (index.embed_dtype)",
+    )
     parser.add_argument("--rrf-k", type=float, default=None, help="--in-process only")
     parser.add_argument("--dense-weight", type=float, default=None, help="--in-process only")
     parser.add_argument("--lexical-weight", type=float, default=None, help="--in-process only")
@@ -397,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if value is not None:
                 settings = replace(settings, **{name: value})
-        backend = InProcess(data_dir, settings)
+        backend = InProcess(data_dir, settings, args.embed_dtype)
     else:
-        backend = Daemon(data_dir, args.fusion, tier_settings if args.tiers else None)
+        backend = Daemon(
+            data_dir, args.fusion, tier_settings if args.tiers else None, args.embed_dtype
+        )
     settings = backend.settings
     tier_counts: dict[str, Any] | None = None
     try:
@@ -559,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                         "where": "in-process" if args.in_process else "daemon",
                         "text": args.text,
                         "context": args.context,
+                        "embed_dtype": args.embed_dtype,
                         "fusion": settings.fusion,
                         "rrf_k": settings.rrf_k,
                         "dense_weight": settings.dense_weight,

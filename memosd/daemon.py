@@ -252,14 +252,17 @@ def open_search(settings: Settings, engine: Any, plugins: PluginRuntime | None =
     embedder: Embedder
     if ix.embedder in embedders:
         plugin, factory = embedders[ix.embedder]
+        # Only the built-in MiniLM takes the dtype: a plugin's factory keeps its own signature.
+        builtin = plugin == builtin_models.__name__ and ix.embedder == "minilm"
+        options = {"dtype": ix.embed_dtype} if builtin else {}
         try:
-            embedder = factory()
+            embedder = factory(**options)
         except Exception as exc:  # a plugin's bug is a start-up config error, named
             raise DaemonExitError(
                 EXIT_CONFIG, f"embedder {ix.embedder!r} of plugin {plugin!r} failed: {exc}"
             ) from exc
     else:
-        embedder = SentenceTransformerEmbedder(ix.embedder)
+        embedder = SentenceTransformerEmbedder(ix.embedder, dtype=ix.embed_dtype)
     search = SearchService(
         engine,
         settings.data_dir,

@@ -12,6 +12,14 @@ L2-normalised, so inner product is cosine similarity everywhere downstream.
   character trigrams.  No model, microseconds per text.  **For tests only**:
   it has lexical, not semantic, similarity.
 
+Precision: a sentence-transformers model runs in ``float32`` or ``bfloat16``
+(``dtype``; ``"auto"``, the default, is bfloat16 on a CPU with bfloat16 dot
+products - AVX512-BF16 or AMX - and float32 elsewhere, where bfloat16 would be
+emulated and slower).  Measured here (AMD EPYC, AVX512-BF16, one torch
+thread): MiniLM batches 2x the texts/s, one query ~1.3x faster, and every
+vector within cosine 0.9999 of the float32 one, so the two mix in one index.
+Vectors leave the embedder as float32 either way.
+
 :class:`QueryCache` wraps an embedder with an LRU cache for query vectors
 (users repeat questions; one MiniLM query costs tens of milliseconds).
 
@@ -39,14 +47,17 @@ import numpy.typing as npt
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "EMBED_DTYPES",
     "Embedder",
     "HashingEmbedder",
     "MiniLMEmbedder",
     "QueryCache",
     "SentenceTransformerEmbedder",
     "Vectors",
+    "cpu_has_native_bf16",
     "minilm_model_path",
     "normalize_rows",
+    "resolve_embed_dtype",
 ]
 
 Vectors = npt.NDArray[np.float32]
@@ -85,6 +96,46 @@ def normalize_rows(vectors: npt.NDArray[Any]) -> Vectors:
     return out
 
 
+# --- precision ---------------------------------------------------------------------
+
+#: ``dtype`` values of a sentence-transformers embedder.
+EMBED_DTYPES: Final = ("auto", "float32", "bfloat16")
+
+#: /proc/cpuinfo flags of native bfloat16 dot products (x86: AVX512-BF16, AMX).
+_BF16_FLAGS: Final = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU multiplies bfloat16 natively, from ``/proc/cpuinfo``'s flags.
+
+    ``cpuinfo`` is the file's text (read when None); False where it cannot be
+    read (not Linux) or names no such flag.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return not _BF16_FLAGS.isdisjoint(value.split())
+    return False
+
+
+def resolve_embed_dtype(dtype: str, *, device: str = "cpu", cpuinfo: str | None = None) -> str:
+    """``float32`` or ``bfloat16`` for a configured ``dtype`` (see EMBED_DTYPES).
+
+    ``auto`` is bfloat16 only on a CPU with native bfloat16 (elsewhere it
+    is emulated and slower than float32) and float32 on any other device.
+    """
+    if dtype not in EMBED_DTYPES:
+        raise ValueError(f"embedding dtype must be one of {', '.join(EMBED_DTYPES)}; got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cpu" and cpu_has_native_bf16(cpuinfo) else "float32"
+
+
 # --- sentence-transformers ---------------------------------------------------------
 
 
@@ -103,7 +154,8 @@ class SentenceTransformerEmbedder:
     thread pool collapses (measured 5.7 texts/s against 88 with one thread).
     ``pool_size`` model instances are loaded lazily, each only when that
     many threads embed at once (default 3: the indexer's two embedding
-    workers and a query).
+    workers and a query).  ``dtype`` is the weights' precision (see the
+    module docstring; :attr:`dtype` is what ``auto`` resolved to).
     """
 
     def __init__(
@@ -115,11 +167,13 @@ class SentenceTransformerEmbedder:
         batch_size: int = 64,
         pool_size: int = 3,
         device: str = "cpu",
+        dtype: str = "auto",
     ) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"no sentence-transformers model directory at {self.path}")
         self._model_name = model_name or self.path.name
+        self.dtype = resolve_embed_dtype(dtype, device=device)
         self.threads = threads
         self.batch_size = batch_size
         self.device = device
@@ -147,6 +201,8 @@ class SentenceTransformerEmbedder:
         if self.threads > 0 and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
+        if self.dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
         # Inference only, for good (encode() would set this again on every call).
         return model.eval()
 
@@ -208,11 +264,12 @@ class SentenceTransformerEmbedder:
         encoded = model.encode(
             list(texts),
             batch_size=self.batch_size,
-            convert_to_numpy=True,
+            convert_to_tensor=True,
             normalize_embeddings=True,
             show_progress_bar=False,
         )
-        return normalize_rows(encoded)
+        # float() first: numpy has no bfloat16.
+        return normalize_rows(encoded.float().numpy())
 
     def _encode_one(self, model: Any, text: str) -> Vectors:
         """One text (a query) through the model's modules, without ``encode()``.
@@ -226,20 +283,23 @@ class SentenceTransformerEmbedder:
 
         with torch.inference_mode():
             features = model.preprocess([text])
-            vector = model(features)["sentence_embedding"]
+            vector = model(features)["sentence_embedding"].float()
             return normalize_rows(torch.nn.functional.normalize(vector, p=2, dim=1).numpy())
 
 
 class MiniLMEmbedder(SentenceTransformerEmbedder):
     """The embedded default: all-MiniLM-L6-v2 (384-d) from the wheel, offline."""
 
-    def __init__(self, *, threads: int = 1, batch_size: int = 64, pool_size: int = 3) -> None:
+    def __init__(
+        self, *, threads: int = 1, batch_size: int = 64, pool_size: int = 3, dtype: str = "auto"
+    ) -> None:
         super().__init__(
             minilm_model_path(),
             model_name=DEFAULT_MODEL_NAME,
             threads=threads,
             batch_size=batch_size,
             pool_size=pool_size,
+            dtype=dtype,
         )
 
 

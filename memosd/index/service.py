@@ -724,6 +724,9 @@ class SearchService:
         status["applied_lsn"] = applied
         status["lag"] = None if applied is None else max(0, applied - status["indexed_lsn"])
         status["embedder"] = {"model": self.embedder.model_name, "dim": self.embedder.dim}
+        dtype = getattr(self.embedder, "dtype", None)  # sentence-transformers: the precision
+        if isinstance(dtype, str):
+            status["embedder"]["dtype"] = dtype
         status["query_cache"] = self.queries.stats()
         status["inline_searches"] = self.inline_searches
         return status

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memosd.embed import MiniLMEmbedder, QueryCache
+from memosd.embed import MiniLMEmbedder, QueryCache, cpu_has_native_bf16, resolve_embed_dtype
 from memosd.engine import Engine
 from memosd.index import IndexSettings, SearchService
 
@@ -74,3 +74,42 @@ def test_one_text_embeds_as_in_a_batch(minilm: MiniLMEmbedder) -> None:
     batch = minilm.embed(texts)
     for i, text in enumerate(texts):
         assert np.allclose(minilm.embed([text])[0], batch[i], atol=1e-6)
+
+
+def test_bfloat16_vectors_match_float32(minilm: MiniLMEmbedder) -> None:
+    # The bfloat16 model (what `auto` picks on a CPU with AVX512-BF16/AMX) gives
+    # float32 unit vectors within cosine 0.999 of the float32 model's, one text
+    # (the query path) and a batch alike, so both can share one index.
+    exact = MiniLMEmbedder(threads=1, dtype="float32")
+    half = MiniLMEmbedder(threads=1, dtype="bfloat16")
+    assert (exact.dtype, half.dtype) == ("float32", "bfloat16")
+    texts = [
+        "We adopted a puppy last spring",
+        "Caroline went to an LGBTQ support group on 7 May",
+        "what is my job",
+    ]
+    for batch in ([texts[0]], texts):
+        a, b = exact.embed(batch), half.embed(batch)
+        assert b.dtype == np.float32
+        assert b.shape == a.shape
+        assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+        assert (a * b).sum(axis=1).min() > 0.999
+    # Not the same numbers, though: the setting really changed the weights.
+    assert not np.array_equal(exact.embed(texts), half.embed(texts))
+
+
+def test_auto_dtype_follows_the_cpu_flags() -> None:
+    with_bf16 = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n"
+    with_amx = "flags\t: fpu avx2 amx_tile amx_bf16\n"
+    without = "flags\t: fpu sse2 avx2 avx512f avx512bw\n"
+    assert cpu_has_native_bf16(with_bf16)
+    assert cpu_has_native_bf16(with_amx)
+    assert not cpu_has_native_bf16(without)
+    assert not cpu_has_native_bf16("no flags line at all")
+    assert resolve_embed_dtype("auto", cpuinfo=with_bf16) == "bfloat16"
+    assert resolve_embed_dtype("auto", cpuinfo=without) == "float32"
+    assert resolve_embed_dtype("auto", device="cuda", cpuinfo=with_bf16) == "float32"
+    assert resolve_embed_dtype("float32", cpuinfo=with_bf16) == "float32"
+    assert resolve_embed_dtype("bfloat16", cpuinfo=without) == "bfloat16"
+    with pytest.raises(ValueError, match="embedding dtype"):
+        resolve_embed_dtype("int8")
