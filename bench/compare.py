@@ -219,11 +219,18 @@ class Mem0:
     """mem0 in the peer venv behind bench/peers/mem0_worker.py."""
 
     def __init__(
-        self, data_dir: Path, *, store: str, embedder: str, vectors: tuple[Path, Path] | None = None
+        self,
+        data_dir: Path,
+        *,
+        store: str,
+        embedder: str,
+        vectors: tuple[Path, Path] | None = None,
+        embed_dtype: str = "float32",
     ):
         self.data_dir = data_dir
         self.store = store
         self.embedder = embedder
+        self.embed_dtype = embed_dtype
         self.vectors = vectors
         self.proc: subprocess.Popen[str] | None = None
         self.log = data_dir.parent / f"{data_dir.name}.log"
@@ -241,6 +248,7 @@ class Mem0:
             )
         req: dict[str, Any] = {"op": "open", "dir": str(self.data_dir), "store": self.store}
         req["embedder"] = self.embedder
+        req["embed_dtype"] = self.embed_dtype
         if self.vectors is not None:
             req.update(docs=str(self.vectors[0]), queries=str(self.vectors[1]))
         return self.call(req)
@@ -523,43 +531,51 @@ def section_search(tmp: Path, stores: list[str], out: dict[str, Any]) -> None:
 
 
 def section_embed_cost(out: dict[str, Any], peer_store: str) -> None:
-    """MiniLM query-embedding cost, in memosd's code (this process) and in mem0's."""
-    from memosd.embed import MiniLMEmbedder
+    """MiniLM query-embedding cost, in memosd's code (this process) and in mem0's.
+
+    Each side in float32 and in bfloat16: memosd's default (``auto``) picks
+    bfloat16 on a CPU with native bfloat16, mem0's default is float32 and
+    takes bfloat16 through its embedder's ``model_kwargs``.
+    """
+    from memosd.embed import MiniLMEmbedder, resolve_embed_dtype
 
     qs = [f"what did {w} say about the {v}?" for w in WORDS[:10] for v in WORDS[10:20]][:100]
-    emb = MiniLMEmbedder()
-    emb.embed(qs[:5])
-    samples: list[float] = []
-    s: list[float] = []
-    # Alternating rounds, as in the search section: noise lands on both.
+    default = resolve_embed_dtype("auto")
+    ours = {dtype: MiniLMEmbedder(dtype=dtype) for dtype in ("float32", "bfloat16")}
+    for emb in ours.values():
+        emb.embed(qs[:5])
+    samples: dict[str, list[float]] = {}
+    # Alternating rounds, as in the search section: noise lands on all of them.
     rounds = 5
     with tempfile.TemporaryDirectory(prefix="cmp-embed-") as d:
-        peer = Mem0(Path(d) / "m", store=peer_store, embedder="minilm")
-        with running(peer):
-            peer.call({"op": "embed_cost", "queries": qs[:5]})
+        peers = {
+            dtype: Mem0(Path(d) / dtype, store=peer_store, embedder="minilm", embed_dtype=dtype)
+            for dtype in ("float32", "bfloat16")
+        }
+        with contextlib.ExitStack() as stack:
+            for peer in peers.values():
+                stack.enter_context(running(peer))
+                peer.call({"op": "embed_cost", "queries": qs[:5]})
             for r in range(rounds):
                 chunk = qs[r::rounds]
-                for q in chunk:
-                    t = time.perf_counter()
-                    emb.embed([q])
-                    samples.append(time.perf_counter() - t)
-                s.extend(peer.call({"op": "embed_cost", "queries": chunk})["latencies"])
-    rows = [
-        {
-            "system": "memosd (MiniLMEmbedder)",
-            "p50_ms": p50_p99_ms(samples)[0],
-            "p99_ms": p50_p99_ms(samples)[1],
-        }
-    ]
-    rows.append(
-        {
-            "system": "mem0 (huggingface embedder)",
-            "p50_ms": p50_p99_ms(s)[0],
-            "p99_ms": p50_p99_ms(s)[1],
-        }
-    )
-    for r in rows:
-        print(f"  query embedding {r['system']}: p50 {r['p50_ms']:.1f} ms")
+                for dtype, emb in ours.items():
+                    mine = samples.setdefault(f"memosd {dtype}", [])
+                    for q in chunk:
+                        t = time.perf_counter()
+                        emb.embed([q])
+                        mine.append(time.perf_counter() - t)
+                for dtype, peer in peers.items():
+                    reply = peer.call({"op": "embed_cost", "queries": chunk})
+                    samples.setdefault(f"mem0 {dtype}", []).extend(reply["latencies"])
+    rows = []
+    for key, values in samples.items():
+        system, dtype = key.split()
+        is_default = dtype == (default if system == "memosd" else "float32")
+        where = "MiniLMEmbedder" if system == "memosd" else "huggingface embedder"
+        label = f"{system} ({where}, {dtype}{', its default here' if is_default else ''})"
+        p50, p99 = p50_p99_ms(values)
+        rows.append({"system": label, "dtype": dtype, "p50_ms": p50, "p99_ms": p99})
+        print(f"  query embedding {label}: p50 {p50:.1f} ms")
     out["embed"] = rows
 
 
@@ -873,8 +889,8 @@ def tables(out: dict[str, Any]) -> list[dict[str, Any]]:
     if "embed" in out:
         result.append(
             {
-                "caption": "MiniLM query embedding (one query, one torch thread) - "
-                "add to the search rows above",
+                "caption": "MiniLM query embedding (one query, one torch thread), each "
+                "system in float32 and bfloat16 - add to the search rows above",
                 "columns": ["where", "p50 ms", "p99 ms"],
                 "rows": [[r["system"], r["p50_ms"], r["p99_ms"]] for r in out["embed"]],
             }

@@ -111,6 +111,12 @@ class Worker:
         if embedder == "lookup":
             lookup = LookupEmbedder(req["docs"], req["queries"])
             factory.EmbedderFactory.create = classmethod(lambda cls, *a, **k: lookup)  # type: ignore[method-assign,assignment]
+        # mem0 hands these to SentenceTransformer(); its default is float32.  The
+        # bfloat16 variant (``embed_dtype``) is the precision memosd picks on a CPU
+        # with native bfloat16, for a same-precision comparison.
+        model_kwargs: dict[str, Any] = {"device": "cpu", "local_files_only": True}
+        if req.get("embed_dtype", "float32") != "float32":
+            model_kwargs["model_kwargs"] = {"dtype": req["embed_dtype"]}
         store_config: dict[str, Any] = {
             "collection_name": "bench",
             "embedding_model_dims": DIM,
@@ -126,7 +132,7 @@ class Worker:
                 "config": {
                     "model": minilm_path(),
                     "embedding_dims": DIM,
-                    "model_kwargs": {"device": "cpu", "local_files_only": True},
+                    "model_kwargs": model_kwargs,
                 },
             },
             "vector_store": {"provider": self.store, "config": store_config},
