@@ -268,8 +268,8 @@ class SentenceTransformerEmbedder:
             normalize_embeddings=True,
             show_progress_bar=False,
         )
-        # float() first: numpy has no bfloat16.
-        return normalize_rows(encoded.float().numpy())
+        # float() first: numpy has no bfloat16; cpu(): a no-op here, a copy from an accelerator.
+        return normalize_rows(encoded.float().cpu().numpy())
 
     def _encode_one(self, model: Any, text: str) -> Vectors:
         """One text (a query) through the model's modules, without ``encode()``.
