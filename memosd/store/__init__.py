@@ -16,6 +16,9 @@ Files in ``<data_dir>/store/``:
     a commit writes pages to the page cache and nothing is fsynced, because the
     WAL already made the batch durable.  This is what lets one writer run at
     the raw ``fdatasync`` rate instead of half of it (see docs/benchmarks.md).
+    The writer keeps the file written with zeros a few MiB past LMDB's last
+    page (``LmdbEnv._fill_ahead``), so commits overwrite inside the file
+    instead of extending it; LMDB ignores the file's size.
 
 ``checkpoint``
     A small msgpack file, replaced atomically (tmp → fsync → rename → fsync

@@ -25,6 +25,7 @@ from typing import Final
 
 import lmdb
 import msgpack
+import structlog
 
 from memosd.errors import CorruptionError, DiskFullError, StorageError
 
@@ -57,6 +58,14 @@ _META_MAGIC: Final = 0xBEEFC0DE
 _PAGE_HEADER: Final = 16  # pgno u64, pad u16, flags u16, lower/upper u16 x2
 _TXNID_OFFSET: Final = _PAGE_HEADER + 128  # mm_txnid in MDB_meta (64-bit build)
 _CHECKPOINT_FORMAT: Final = 1
+
+_log = structlog.get_logger("memosd.store")
+
+# Zero fill ahead of LMDB (see LmdbEnv._fill_ahead): keep this many bytes of
+# data.mdb written past LMDB's last page, writing at most one step per commit.
+_FILL_AHEAD: Final = 8 << 20
+_FILL_STEP: Final = 256 << 10
+_ZEROS: Final = bytes(_FILL_STEP)
 
 
 def current_boot_id() -> str:
@@ -113,6 +122,11 @@ def _meta_txnid(page: bytes) -> int:
     if magic != _META_MAGIC:
         raise CorruptionError("LMDB meta page has a bad magic number")
     return int(struct.unpack_from("<Q", page, _TXNID_OFFSET)[0])
+
+
+def _write_zeros(fd: int, size: int, offset: int) -> int:
+    """``size`` (at most ``_FILL_STEP``) zero bytes at ``offset``; bytes written."""
+    return os.pwrite(fd, _ZEROS[:size] if size < _FILL_STEP else _ZEROS, offset)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -238,6 +252,11 @@ class LmdbEnv:
         self._checkpoint_lock = threading.Lock()
         self._page_size = int(self.env.stat()["psize"])
         self.last_checkpoint = previous
+        # Zero fill ahead: our own descriptor on data.mdb and how far it is
+        # known to be written (LMDB's pages or our zeros).
+        self._fill_fd: int | None = os.open(self.directory / "data.mdb", os.O_WRONLY | os.O_CLOEXEC)
+        self._filled_end = os.fstat(self._fill_fd).st_size
+        self._fill_enabled = True
 
     def _open(self, map_size: int) -> lmdb.Environment:
         try:
@@ -275,6 +294,48 @@ class LmdbEnv:
             if _is_enospc(exc):
                 raise DiskFullError("disk full while committing to LMDB") from exc
             raise StorageError(f"LMDB commit failed: {exc}") from exc
+        if self._fill_enabled:
+            self._fill_ahead()
+
+    def _fill_ahead(self) -> None:
+        """Keep data.mdb written with zeros a little past LMDB's last page.
+
+        Writer thread only, between transactions.  A commit that writes past
+        the end of the file extends it, and on ext4 an extending write waits
+        while a checkpoint's ``env.sync()`` flushes the file: measured here,
+        ~10% of commits then took 0.5-0.8 ms instead of ~20 us, two thirds of
+        all commit time (a lone writer's CPU per add 130-140 -> 65-110 us
+        with the file pre-written).  Writing real zeros ahead of LMDB makes its
+        page writes overwrites inside the file; ``fallocate`` does not help
+        (unwritten extents still change at write-back).
+
+        Safety: only bytes past LMDB's last page are written, and no LMDB
+        write transaction is open (we are the writer, after a commit), so no
+        page of any snapshot is touched; LMDB ignores the file's size.  The
+        fill is an optimisation: if it fails (a full disk), it stops and
+        commits extend the file as before.
+        """
+        fd = self._fill_fd
+        if fd is None:
+            return
+        info = self.env.info()
+        used = (int(info["last_pgno"]) + 1) * self._page_size
+        if self._filled_end - used >= _FILL_AHEAD:
+            return
+        start = max(self._filled_end, used)
+        size = min(_FILL_STEP, int(info["map_size"]) - start)
+        if size <= 0:
+            return
+        try:
+            written = _write_zeros(fd, size, start)
+        except OSError as exc:
+            # Nothing depends on the zeros: stop filling until the next open
+            # and let LMDB extend the file itself (its own ENOSPC, if any,
+            # comes back from its commit as DiskFullError).
+            self._fill_enabled = False
+            _log.warning("zero fill ahead of LMDB stopped", error=str(exc), errno=exc.errno)
+            return
+        self._filled_end = start + written
 
     @property
     def map_size(self) -> int:
@@ -432,4 +493,7 @@ class LmdbEnv:
         if applied_lsn is not None:
             self.checkpoint(applied_lsn, clean_shutdown=True)
         self._release_pin()
+        if self._fill_fd is not None:
+            os.close(self._fill_fd)
+            self._fill_fd = None
         self.env.close()
