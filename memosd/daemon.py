@@ -52,6 +52,7 @@ from anyio.abc import TaskStatus
 from memosd import __version__, sdnotify
 from memosd.engine import Engine, EngineSettings
 from memosd.errors import MemosError
+from memosd.gcstats import GcPauses
 from memosd.logs import configure_logging
 from memosd.models.cache import ModelCache
 from memosd.ops_kv import KvRuntime
@@ -86,6 +87,8 @@ _log = structlog.get_logger("memosd.daemon")
 _EXTEND_EVERY_S: Final = 5.0
 _EXTEND_BY_S: Final = 30.0
 _HEALTH_POLL_S: Final = 0.25
+# A cyclic-GC collection this long is logged (memosd.gcstats).
+_LONG_GC_PAUSE_MS: Final = 100.0
 SOCKET_DIR_MODE: Final = 0o750
 
 
@@ -449,10 +452,20 @@ async def _serve_engine(
         await shutdown_trigger()
         stop.set()
 
+    gc_pauses = GcPauses(long_ms=_LONG_GC_PAUSE_MS)
+    service.gc_pauses = gc_pauses
+
     async def watch_health() -> None:
         nonlocal exit_code
         while engine.healthy:
             await anyio.sleep(_HEALTH_POLL_S)
+            for pause in gc_pauses.take_long_pauses():
+                _log.warning(
+                    "long garbage-collector pause",
+                    generation=pause.generation,
+                    ms=round(pause.ms, 1),
+                    collected=pause.collected,
+                )
         failure = getattr(engine, "failure", None)
         _log.error(
             "storage engine unhealthy; shutting down for a clean recovery", error=str(failure)
@@ -494,6 +507,7 @@ async def _serve_engine(
         # (hundreds of ms holding the GIL, every second or so under load).
         gc.collect()
         gc.freeze()
+        gc_pauses.install()
         endpoint = ipc_endpoint(settings.socket)
         sdnotify.ready(f"serving on {endpoint}")
         print(
@@ -518,6 +532,7 @@ async def _serve_engine(
         if not drained:
             server.cancel_inflight()
         tg.cancel_scope.cancel()
+    gc_pauses.uninstall()
     await anyio.to_thread.run_sync(service.close)
     return exit_code
 

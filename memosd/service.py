@@ -33,6 +33,7 @@ import functools
 import math
 import os
 import re
+import resource
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -340,6 +341,8 @@ class Service:
         self.lora: Any = None
         # memosd.plugins.manager.PluginManager; None: items are not checked by form.
         self.plugins = plugins
+        # memosd.gcstats.GcPauses installed by the daemon, or None.
+        self.gc_pauses: Any = None
         # memosd.index.SearchService, or None (index.enabled = false).
         self.search = search
         # principal -> LSN of its newest acknowledged write (read-your-writes).
@@ -628,7 +631,22 @@ async def _status(svc: Service, call: Call) -> Any:
         result["engine"] = to_wire(await svc.run(svc.engine.status))
         if svc.search is not None:
             result["search"] = to_wire(await svc.run(svc.search.status))
+        result["process"] = _process_status(svc)
     return result
+
+
+def _process_status(svc: Service) -> dict[str, Any]:
+    """Memory and cyclic-GC pauses of the daemon process (admins only)."""
+    out: dict[str, Any] = {}
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            out["rss_mb"] = round(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        out["rss_mb"] = None
+    out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if svc.gc_pauses is not None:
+        out.update(svc.gc_pauses.snapshot())
+    return out
 
 
 @op("plugins", inline=True)

@@ -151,6 +151,7 @@ def test_session_ops_for_everyone(world: dict[str, Any], role: str) -> None:
     assert who["principal"] == ("uid:0" if role == "admin" else f"token:{role}")
     status = client.status()
     assert ("engine" in status) == (role == "admin")
+    assert ("process" in status) == (role == "admin")  # memory and GC pauses
     own = client.create_cube(f"own-{role}-{next(world['n'])}")
     assert own.owner == who["principal"]
     assert own.access == "owner"
