@@ -40,6 +40,7 @@ AREAS: list[tuple[str, str]] = [
     ("compare", "Side by side with mem0 and bare faiss (issue 9)"),
     ("storage", "Storage engine (issue 2)"),
     ("ipc", "Daemon over ZeroMQ IPC (issue 3)"),
+    ("gc", "Daemon memory and garbage-collector pauses at 100k memories"),
     ("retrieval", "Retrieval (issue 4)"),
     ("scheduler", "Scheduler (issue 5)"),
     ("kv", "Activation memory (issue 6)"),

@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 # The benchmarks, in run order.  Helper modules (bench/_*.py, bench/render.py,
 # bench/peers/) are not benchmarks; a new benchmark must be added here.
-BENCHES=(storage_bench wal_bench ipc_bench search_bench locomo scheduler_bench kv lora compare)
+BENCHES=(storage_bench wal_bench ipc_bench gc_scale search_bench locomo scheduler_bench kv lora compare)
 NOT_BENCHES=(render soak)  # soak: full-size crash and fuzz runs, `make soak`
 for path in bench/*.py; do
     name=$(basename "$path" .py)
