@@ -388,11 +388,6 @@ class PlaintextTierPolicy:
         now = ctx.now_us()
         short = _items(engine, cube, tier=Tier.SHORT, form="plaintext")
         evicted = tiers.fifo_evictions(short, settings.short_capacity, settings.short_max_items)
-        # Bounded steps: one job holding a whole bulk load (100k turns: every
-        # item, its new version and its vector alive at once) took the daemon
-        # to 1.4 GB and made full GC collections of ~0.6 s (docs/benchmarks.md).
-        remaining = max(0, len(evicted) - settings.evict_batch)
-        evicted = evicted[: settings.evict_batch]
         loaded = self._segments(engine, cube)
         segments = [state for _, state in loaded.values()]
         before = {s.key: len(s.turns) for s in segments}
@@ -484,15 +479,8 @@ class PlaintextTierPolicy:
                     dedup_key=f"{CONSOLIDATE}:{cube}",
                     actor="scheduler",
                 ).id
-            follow_up = None
-            if remaining:
-                follow_up = p.submit_job(
-                    EVICT, cube=cube, dedup_key=f"{EVICT}:{cube}", actor="scheduler"
-                ).id
             return {
                 "evicted": len(evicted),
-                "remaining": remaining,
-                "evict_job": follow_up,
                 "segments_created": sum(1 for k in ids if k.startswith("new:")),
                 "segments_joined": sum(1 for k in ids if not k.startswith("new:")),
                 "demoted": demoted,

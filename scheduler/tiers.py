@@ -67,14 +67,6 @@ SETTINGS: Final[tuple[PolicySetting, ...]] = (
         0,
     ),
     PolicySetting(
-        "evict_batch",
-        2000,
-        int,
-        "Turns moved from short to mid per eviction job at most (the oldest first); the "
-        "rest go in a follow-up job, so a bulk load is migrated in bounded steps.",
-        1,
-    ),
-    PolicySetting(
         "evict_delay_s",
         1.0,
         float,
@@ -161,7 +153,6 @@ class TierSettings:
 
     short_capacity: int = 10
     short_max_items: int = 200
-    evict_batch: int = 2000
     evict_delay_s: float = 1.0
     segment_threshold: float = 0.6
     mid_capacity: int = 200

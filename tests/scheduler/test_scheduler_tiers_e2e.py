@@ -355,21 +355,3 @@ def test_tier_run_on_demand(tiered: Tiered) -> None:
     assert ran[0].result is not None
     assert ran[0].result["evicted"] == 3
     assert len(t.items("od", tier="short")) == 2
-
-
-def test_a_bulk_load_is_evicted_in_bounded_jobs(tiered: Tiered) -> None:
-    t = tiered
-    make_cube(t, "bulk", short_capacity=2, short_max_items=2, evict_batch=4, promote_heat=1e9)
-    t.engine.atomic(  # one bulk write: ids (and so FIFO order) follow i
-        lambda p: [p.add("bulk", f"turn {i} about the garden", session="s") for i in range(11)]
-    )
-    t.settle()
-    evictions = sorted(t.jobs("tiers.evict"), key=lambda j: j.id)
-    results = [j.result for j in evictions if j.result is not None and j.result["evicted"]]
-    # 9 turns over capacity, at most 4 per job: 4 + 4 + 1, each job queueing the next.
-    assert [(r["evicted"], r["remaining"]) for r in results] == [(4, 5), (4, 1), (1, 0)]
-    assert [r["evict_job"] is not None for r in results] == [True, True, False]
-    assert all(j.state == "succeeded" for j in evictions)
-    short = t.items("bulk", tier="short", form="plaintext")
-    assert sorted(i.text for i in short) == ["turn 10 about the garden", "turn 9 about the garden"]
-    assert len(t.items("bulk", tier="mid", form="plaintext")) == 9  # the oldest moved, in order
