@@ -126,7 +126,7 @@ def _meta_txnid(page: bytes) -> int:
 
 def _write_zeros(fd: int, size: int, offset: int) -> int:
     """``size`` (at most ``_FILL_STEP``) zero bytes at ``offset``; bytes written."""
-    return os.pwrite(fd, _ZEROS[:size] if size < _FILL_STEP else _ZEROS, offset)
+    return os.pwrite(fd, memoryview(_ZEROS)[:size], offset)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -252,11 +252,11 @@ class LmdbEnv:
         self._checkpoint_lock = threading.Lock()
         self._page_size = int(self.env.stat()["psize"])
         self.last_checkpoint = previous
-        # Zero fill ahead: our own descriptor on data.mdb and how far it is
-        # known to be written (LMDB's pages or our zeros).
+        # Zero fill ahead: our own descriptor on data.mdb (None once the fill
+        # has stopped) and how far the file is known to be written (LMDB's
+        # pages or our zeros).
         self._fill_fd: int | None = os.open(self.directory / "data.mdb", os.O_WRONLY | os.O_CLOEXEC)
         self._filled_end = os.fstat(self._fill_fd).st_size
-        self._fill_enabled = True
 
     def _open(self, map_size: int) -> lmdb.Environment:
         try:
@@ -294,10 +294,10 @@ class LmdbEnv:
             if _is_enospc(exc):
                 raise DiskFullError("disk full while committing to LMDB") from exc
             raise StorageError(f"LMDB commit failed: {exc}") from exc
-        if self._fill_enabled:
-            self._fill_ahead()
+        if self._fill_fd is not None:
+            self._fill_ahead(self._fill_fd)
 
-    def _fill_ahead(self) -> None:
+    def _fill_ahead(self, fd: int) -> None:
         """Keep data.mdb written with zeros a little past LMDB's last page.
 
         Writer thread only, between transactions.  A commit that writes past
@@ -315,11 +315,8 @@ class LmdbEnv:
         fill is an optimisation: if it fails (a full disk), it stops and
         commits extend the file as before.
         """
-        fd = self._fill_fd
-        if fd is None:
-            return
         info = self.env.info()
-        used = (int(info["last_pgno"]) + 1) * self._page_size
+        used = self._used_bytes(int(info["last_pgno"]))
         if self._filled_end - used >= _FILL_AHEAD:
             return
         start = max(self._filled_end, used)
@@ -332,7 +329,7 @@ class LmdbEnv:
             # Nothing depends on the zeros: stop filling until the next open
             # and let LMDB extend the file itself (its own ENOSPC, if any,
             # comes back from its commit as DiskFullError).
-            self._fill_enabled = False
+            self._close_fill()
             _log.warning("zero fill ahead of LMDB stopped", error=str(exc), errno=exc.errno)
             return
         self._filled_end = start + written
@@ -344,8 +341,16 @@ class LmdbEnv:
     def needs_headroom(self) -> bool:
         """True when the data file uses more than 3/4 of the map."""
         info = self.env.info()
-        used = (int(info["last_pgno"]) + 1) * self._page_size
-        return used * 4 > int(info["map_size"]) * 3
+        return self._used_bytes(int(info["last_pgno"])) * 4 > int(info["map_size"]) * 3
+
+    def _used_bytes(self, last_pgno: int) -> int:
+        """Bytes of data.mdb up to LMDB's last page (``env.info()["last_pgno"]``)."""
+        return (last_pgno + 1) * self._page_size
+
+    def _close_fill(self) -> None:
+        if self._fill_fd is not None:
+            os.close(self._fill_fd)
+            self._fill_fd = None
 
     def grow_map(self) -> int:
         """Double the map with every reader excluded; returns the new size.
@@ -493,7 +498,5 @@ class LmdbEnv:
         if applied_lsn is not None:
             self.checkpoint(applied_lsn, clean_shutdown=True)
         self._release_pin()
-        if self._fill_fd is not None:
-            os.close(self._fill_fd)
-            self._fill_fd = None
+        self._close_fill()
         self.env.close()
