@@ -20,7 +20,7 @@ import gc
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 __all__ = ["GcPauses", "LongPause"]
 
@@ -28,22 +28,12 @@ _GENERATIONS: Final = 3
 _KEEP_LONG: Final = 64  # long pauses kept between two drains (the oldest are dropped)
 
 
-class LongPause(tuple[int, float, int]):
-    """``(generation, pause in ms, objects collected)`` of one long collection."""
+class LongPause(NamedTuple):
+    """One long collection."""
 
-    __slots__ = ()
-
-    @property
-    def generation(self) -> int:
-        return self[0]
-
-    @property
-    def ms(self) -> float:
-        return self[1]
-
-    @property
-    def collected(self) -> int:
-        return self[2]
+    generation: int
+    ms: float
+    collected: int  # objects collected
 
 
 class GcPauses:
@@ -91,7 +81,7 @@ class GcPauses:
         # counted, not listed.
         if self._lock.acquire(blocking=False):
             try:
-                self._long.append(LongPause((gen, pause * 1e3, int(info["collected"]))))
+                self._long.append(LongPause(gen, pause * 1e3, int(info["collected"])))
                 del self._long[:-_KEEP_LONG]
             finally:
                 self._lock.release()
