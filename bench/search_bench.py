@@ -170,7 +170,7 @@ def bench_size(n: int, rows: list[dict[str, Any]]) -> None:
         # Exact neighbours by brute force, in item-label space.
         labels = np.array(sorted(dense.live_labels()))
         label_to_row = {}
-        for item_id, (label, _) in cube.by_item.items():
+        for item_id, (label, _, _) in cube.by_item.items():
             item = engine.get("big", item_id)
             label_to_row[label] = int(item.text.split(" ", 1)[0][1:])
         row_of = np.array([label_to_row[int(x)] for x in labels])

@@ -2,7 +2,11 @@
 
 Each indexed item version gets a fresh integer *label* (never reused), which
 both indexes use as their key; ``by_item`` maps an item id to its current
-``(label, version)``.  Only the latest active version of an item is present.
+``(label, version, text digest)``.  Only the latest active version of an item
+is present.  A new version whose indexed text is unchanged (a tier move, a
+usage or metadata update) keeps its label: :meth:`CubeIndex.advance` only
+records the new version, so nothing is re-embedded and the HNSW graph gets no
+tombstone.
 
 ``dense`` is None when the cube's configured embedding model or dimension
 differs from the daemon's embedder (``mismatch`` then says why): lexical
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +31,7 @@ from memosd.index.bm25 import BM25Index
 from memosd.index.dense import DenseIndex, WouldBlock
 from memosd.memcube.model import MemoryItem
 
-__all__ = ["CubeIndex", "FormText", "embedding_mismatch", "indexed_text"]
+__all__ = ["CubeIndex", "FormText", "embedding_mismatch", "indexed_text", "text_digest"]
 
 
 #: What a memory form says search should index for an item (None: keep it out).
@@ -53,6 +58,12 @@ def indexed_text(
         if isinstance(context, str) and context.strip():
             return f"{text}\n{context}"
     return text
+
+
+def text_digest(text: str) -> int:
+    """A 64-bit digest of an indexed text, never 0 (0 stands for "not known")."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1
 
 
 def embedding_mismatch(
@@ -87,10 +98,14 @@ class CubeIndex:
         # are built outside the lock: see maintain_bm25.
         self.bm25.auto_maintain = False
         self.lock = threading.Lock()
-        self.by_item: dict[str, tuple[int, int]] = {}
+        # item id -> (label, version, text_digest of the indexed text; 0 unknown)
+        self.by_item: dict[str, tuple[int, int, int]] = {}
         self.by_label: dict[int, str] = {}
         # Conversation order: each session's indexed item ids, sorted (ids are
         # time-ordered ULIDs, so this is write order), for neighbour smoothing.
+        # An item's conversation is the session of its latest version that names
+        # one: a version written outside any session (a scheduler's tier move,
+        # an edit) leaves the item where it was.
         self.session_of: dict[str, str] = {}
         self.sessions: dict[str, list[str]] = {}
         self.next_label = 1
@@ -113,6 +128,24 @@ class CubeIndex:
         entry = self.by_item.get(item_id)
         return None if entry is None else entry[1]
 
+    def advance(self, item_id: str, version: int, text: str, session: str | None) -> bool:
+        """Record ``version`` of an indexed item whose indexed text is unchanged.
+
+        True if the item is indexed with the same text (its label, BM25
+        terms and vector stay; only the version, and the session if one is
+        given, are updated); False if it must be (re)indexed through
+        :meth:`upsert_many`.
+        """
+        with self.lock:
+            old = self.by_item.get(item_id)
+            if old is None or not old[2] or old[2] != text_digest(text):
+                return False
+            self.by_item[item_id] = (old[0], version, old[2])
+            if session is not None:
+                self._set_session(item_id, session)
+            self.dirty = True
+        return True
+
     def upsert_many(
         self,
         entries: Sequence[tuple[str, int, str]],
@@ -122,7 +155,8 @@ class CubeIndex:
         """Index ``(item_id, version, text)`` entries; ``vectors`` row-aligned (or None).
 
         ``sessions`` (row-aligned) are the items' provenance sessions, which
-        place them in their conversation for :meth:`neighbours`.
+        place them in their conversation for :meth:`neighbours` (None: an
+        indexed item stays in its conversation).
         """
         if not entries:
             return
@@ -132,7 +166,9 @@ class CubeIndex:
         stale: list[int] = []
         with self.lock:
             for row, (item_id, version, text) in enumerate(entries):
-                self._set_session(item_id, sessions[row] if sessions is not None else None)
+                session = sessions[row] if sessions is not None else None
+                if session is not None:
+                    self._set_session(item_id, session)
                 old = self.by_item.get(item_id)
                 if old is not None:
                     stale.append(old[0])
@@ -140,7 +176,7 @@ class CubeIndex:
                     del self.by_label[old[0]]
                 label = self.next_label
                 self.next_label += 1
-                self.by_item[item_id] = (label, version)
+                self.by_item[item_id] = (label, version, text_digest(text))
                 self.by_label[label] = item_id
                 self.bm25.add(label, text)
                 labels.append(label)

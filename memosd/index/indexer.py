@@ -116,6 +116,7 @@ class Indexer:
         self._stats_lock = threading.Lock()
         self._embed_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.events_processed = 0
+        self.texts_unchanged = 0
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -414,9 +415,32 @@ class Indexer:
                 continue
             if cube.version_of(item_id) == item.version:
                 continue
-            jobs.append((cube, item_id, item.version, text, item.provenance.session))
+            session = self._session(cube, item)
+            if cube.advance(item_id, item.version, text, session):
+                self.texts_unchanged += 1  # a tier move or metadata update: no re-embedding
+                continue
+            jobs.append((cube, item_id, item.version, text, session))
         pending.clear()
         self._index_jobs(jobs)
+
+    def _session(self, cube: CubeIndex, item: MemoryItem) -> str | None:
+        """The conversation ``item`` belongs to (see :class:`CubeIndex`).
+
+        A version written outside any session keeps an indexed item where it
+        is; an item the index does not hold (a rebuild, a reactivated item)
+        takes the latest session its history names.
+        """
+        session = item.provenance.session
+        if session is not None or item.version == 1 or cube.version_of(item.id) is not None:
+            return session
+        try:
+            history: list[MemoryItem] = self.engine.history(cube.name, item.id)
+        except NotFound:
+            return None
+        for version in reversed(history):
+            if version.provenance.session is not None:
+                return version.provenance.session
+        return None
 
     def _text(self, item: MemoryItem) -> str | None:
         return indexed_text(item, self.settings.context_key, self.form_text)
@@ -534,7 +558,7 @@ class Indexer:
             except NotFound:
                 return  # dropped meanwhile; its drop event follows
             jobs = [
-                (fresh, it.id, it.version, text, it.provenance.session)
+                (fresh, it.id, it.version, text, self._session(fresh, it))
                 for it in page
                 if fresh.version_of(it.id) != it.version and (text := self._text(it)) is not None
             ]
@@ -647,6 +671,7 @@ class Indexer:
             "embed_calls": self.embed_calls,
             "texts_embedded": self.texts_embedded,
             "events_processed": self.events_processed,
+            "texts_unchanged": self.texts_unchanged,
             "last_error": self.last_error,
             "cubes": {name: cube.stats() for name, cube in sorted(cubes.items())},
         }

@@ -5,8 +5,10 @@ Layout under ``<data_dir>/index/``::
     MANIFEST                  msgpack [body: bytes, sha256(body): bytes]
     <cube>/<gen>.faiss        faiss.write_index of the cube's IndexIDMap2 (absent if no dense)
     <cube>/<gen>.labels.npy   int64 labels, one per indexed item (numpy .npy, no pickle)
-    <cube>/<gen>.items.msgpack {"ids": [item id...], "versions": [int...], "next_label": int}
-                              (row-aligned with labels.npy)
+    <cube>/<gen>.items.msgpack {"ids": [item id...], "versions": [int...], "next_label": int,
+                               "sessions": [str | None...], "digests": [int...]}
+                              (row-aligned with labels.npy; "digests" are the indexed
+                              texts' text_digest, absent before 2026-12-04: 0, unknown)
     <cube>/<gen>.bm25.msgpack BM25Index.to_state() (packed arrays since 2026-12; the
                               per-document term lists written before are still read)
 
@@ -111,15 +113,15 @@ def _write_cube(root: Path, cube: CubeIndex, gen: str) -> dict[str, Any]:
     # Only folding BM25's tail in swaps arrays, under the lock.
     cube.maintain_bm25(merge_only=True)
     labels = np.fromiter(
-        (label for label, _ in cube.by_item.values()), dtype=np.int64, count=len(cube.by_item)
+        (entry[0] for entry in cube.by_item.values()), dtype=np.int64, count=len(cube.by_item)
     )
     ids = list(cube.by_item)
-    versions = [version for _, version in cube.by_item.values()]
     items = {
         "ids": ids,
-        "versions": versions,
+        "versions": [entry[1] for entry in cube.by_item.values()],
         "next_label": cube.next_label,
         "sessions": [cube.session_of.get(item_id) for item_id in ids],
+        "digests": [entry[2] for entry in cube.by_item.values()],
     }
     bm25 = msgpack.packb(cube.bm25.to_state(), use_bin_type=True)
     cube.dirty = False
@@ -245,8 +247,12 @@ def _load_cube(
             str(cube_dir / f"{gen}.faiss"), (int(x) for x in labels), **dense_settings
         )
     cube = CubeIndex(name, dense=dense, bm25=bm25)
-    for label, item_id, version in zip(labels, items["ids"], items["versions"], strict=True):
-        cube.by_item[str(item_id)] = (int(label), int(version))
+    digests = items.get("digests")  # absent in snapshots of older releases: unknown
+    if digests is None:
+        digests = [0] * len(items["ids"])
+    rows = zip(labels, items["ids"], items["versions"], digests, strict=True)
+    for label, item_id, version, digest in rows:
+        cube.by_item[str(item_id)] = (int(label), int(version), int(digest))
         cube.by_label[int(label)] = str(item_id)
     cube.next_label = int(items["next_label"])
     sessions = items.get("sessions")  # absent in snapshots of older releases

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from memosd.embed import HashingEmbedder
 from memosd.engine import Engine
 from memosd.errors import BadRequest, NotFound, Unavailable
 from memosd.index import Boosts, IndexSettings, SearchFilters, SearchService
+from memosd.index.cube import CubeIndex, text_digest
 from memosd.index.fusion import score_fusion
 from memosd.index.indexer import Indexer
 from memosd.memcube.model import CubeConfig
@@ -230,6 +232,78 @@ def test_cube_switches_to_hnsw_inside_the_service(engine: Engine, tmp_path: Path
     assert svc.status()["cubes"]["big"]["dense_kind"] == "hnsw"
     assert _texts(svc.search(["big"], "keyword42", k=1, mode="dense")) == ["entry 42 keyword42"]
     svc.close()
+
+
+def test_metadata_only_updates_keep_the_vector(engine: Engine, tmp_path: Path) -> None:
+    """A tier move or metadata update re-embeds nothing and leaves no HNSW tombstone;
+    a changed text (or retrieval context) is re-indexed; snapshots keep the digests."""
+    settings = IndexSettings(snapshot_interval_s=0, hnsw_threshold=50, hnsw_background=False)
+    emb = HashingEmbedder(64)
+    svc = SearchService(engine, tmp_path / "data", embedder=emb, settings=settings)
+    svc.start()
+    engine.create_cube("big", owner="uid:1", config=svc.cube_config())
+    items = [engine.add("big", f"entry {i} keyword{i}", session=f"s{i % 3}") for i in range(80)]
+    svc.wait_indexed(engine.applied_lsn, 10)
+    assert emb.texts_embedded == 80
+    for it in items[:60]:
+        engine.update("big", it.id, tier="mid", metadata={"segment": "seg1"})
+    svc.wait_indexed(engine.applied_lsn, 10)
+    cube = svc.status()["cubes"]["big"]
+    assert emb.texts_embedded == 80  # nothing re-embedded
+    assert svc.status()["texts_unchanged"] == 60
+    assert (cube["dense_kind"], cube["dense_vectors"], cube["dense_tombstones"]) == ("hnsw", 80, 0)
+    hits = svc.search(["big"], "keyword7", k=1, mode="dense")
+    assert (hits[0].item.text, hits[0].item.version, hits[0].item.tier) == (
+        "entry 7 keyword7",
+        2,
+        "mid",
+    )
+    # Neighbours still follow the sessions after the moves.
+    index = svc.indexer.cubes["big"]
+    assert index.neighbours(items[3].id) == (items[0].id, items[6].id)
+    assert index.version_of(items[3].id) == 2
+    # A new text, or a new retrieval context, is indexed again.
+    engine.update("big", items[1].id, text="entry one rewritten about volcanoes")
+    engine.update("big", items[2].id, metadata={"context": "glaciers and ice"})
+    svc.wait_indexed(engine.applied_lsn, 10)
+    assert emb.texts_embedded == 83  # the two, plus the dense query above
+    assert _texts(svc.search(["big"], "volcanoes", k=1, mode="lexical")) == [
+        "entry one rewritten about volcanoes"
+    ]
+    assert _texts(svc.search(["big"], "glaciers", k=1, mode="lexical")) == ["entry 2 keyword2"]
+    assert not svc.search(["big"], "keyword1", k=5, mode="lexical")  # its old terms are gone
+    svc.close()  # writes the snapshot, digests included
+
+    again = HashingEmbedder(64)
+    svc2 = SearchService(engine, tmp_path / "data", embedder=again, settings=settings)
+    svc2.start()
+    assert svc2.wait_ready(10)
+    engine.update("big", items[70].id, tier="mid")
+    svc2.wait_indexed(engine.applied_lsn, 10)
+    assert again.texts_embedded == 0  # the loaded digest matched
+    assert svc2.indexer.cubes["big"].version_of(items[70].id) == 2
+    svc2.close()
+    # A rebuild from the engine places moved items by their history's session.
+    shutil.rmtree(tmp_path / "data" / "index")
+    svc3 = SearchService(engine, tmp_path / "data", embedder=HashingEmbedder(64), settings=settings)
+    svc3.start()
+    assert svc3.wait_ready(10)
+    assert svc3.indexer.cubes["big"].neighbours(items[3].id) == (items[0].id, items[6].id)
+    svc3.close()
+
+
+def test_unknown_digest_is_reindexed() -> None:
+    """Entries loaded from a snapshot written before digests existed (0) are re-indexed."""
+    cube = CubeIndex("c", dense=None)
+    cube.upsert_many([("a", 1, "hello world")], None, ["s"])
+    assert cube.advance("a", 2, "hello world", "s")
+    assert not cube.advance("a", 3, "hello there", "s")
+    assert not cube.advance("missing", 1, "hello world", None)
+    label, version, _ = cube.by_item["a"]
+    cube.by_item["a"] = (label, version, 0)
+    assert not cube.advance("a", 3, "hello world", "s")
+    assert text_digest("x") != text_digest("y")
+    assert text_digest("") != 0
 
 
 def test_rrf_fusion_and_retrieval_context(engine: Engine, tmp_path: Path) -> None:
