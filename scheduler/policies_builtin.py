@@ -31,8 +31,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
 
@@ -74,12 +74,59 @@ EVICT: Final = "tiers.evict"
 CONSOLIDATE: Final = "tiers.consolidate"
 FORGET: Final = "tiers.forget"
 _ALL: Final = 1_000_000_000
+_SCAN_PAGE: Final = 1000
 _HEAT_BINS: Final = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 def _items(engine: Any, cube: str, **filters: Any) -> list[MemoryItem]:
     items: list[MemoryItem] = engine.list_items(cube, limit=_ALL, **filters)
     return items
+
+
+def _scan(engine: Any, cube: str, **filters: Any) -> Iterator[MemoryItem]:
+    """The cube's items (``list_items`` filters) in id order, a page per read.
+
+    For passes over a tier that may be big (a bulk load's short tier, the
+    long tier): only the caller's summary stays alive, not every item - a
+    100k-item list is millions of objects for the cyclic GC to traverse.
+    """
+    after: str | None = None
+    while True:
+        page: list[MemoryItem] = engine.list_items(cube, limit=_SCAN_PAGE, after=after, **filters)
+        yield from page
+        if len(page) < _SCAN_PAGE:
+            return
+        after = page[-1].id
+
+
+class _Turn(NamedTuple):
+    """What eviction keeps of a short turn (a tuple of atoms: no GC tracking)."""
+
+    id: str
+    version: int
+    text: str
+    hits: int
+    last_hit_us: int
+
+
+#: Per turn id: (search hits, last hit time) - what segment heat needs of a member.
+_Usage = dict[str, tuple[int, int]]
+
+
+def _usage(item: MemoryItem) -> tuple[int, int]:
+    return item.usage.hits, item.usage.last_hit_us or 0
+
+
+def _fold(totals: Mapping[str, Any], step: Mapping[str, Any]) -> dict[str, Any]:
+    """Eviction totals with one more step's result added."""
+    return {
+        "evicted": totals["evicted"] + step["evicted"],
+        "segments_created": totals["segments_created"] + step["segments_created"],
+        "segments_joined": totals["segments_joined"] + step["segments_joined"],
+        "demoted": [*totals["demoted"], *step["demoted"]],
+        "consolidate_job": step["consolidate_job"] or totals["consolidate_job"],
+        "steps": totals["steps"] + 1,
+    }
 
 
 def _last_activity(item: MemoryItem) -> int:
@@ -247,7 +294,7 @@ class PlaintextTierPolicy:
         counts = self._counts.get(cube)
         if counts is None:
             counts = {}
-            for turn in _items(ctx.engine, cube, tier=Tier.SHORT, form="plaintext"):
+            for turn in _scan(ctx.engine, cube, tier=Tier.SHORT, form="plaintext"):
                 key = turn.provenance.session or ""
                 counts[key] = counts.get(key, 0) + 1
             self._counts[cube] = counts
@@ -283,8 +330,11 @@ class PlaintextTierPolicy:
         s = TierSettings.from_mapping(settings)
         out = []
         if self._due(cube, "tiers", now_us, s.consolidate_interval_s):
-            short = _items(ctx.engine, cube, tier=Tier.SHORT, form="plaintext")
-            if tiers.fifo_evictions(short, s.short_capacity, s.short_max_items):
+            counts: dict[str, int] = {}
+            for turn in _scan(ctx.engine, cube, tier=Tier.SHORT, form="plaintext"):
+                key = turn.provenance.session or ""
+                counts[key] = counts.get(key, 0) + 1
+            if tiers.evictions_due(counts, s.short_capacity, s.short_max_items):
                 out.append(self._request(EVICT, cube))
             if self._hot_segments(ctx.engine, cube, now_us, s)[0]:
                 out.append(self._request(CONSOLIDATE, cube))
@@ -316,7 +366,7 @@ class PlaintextTierPolicy:
 
     def _segments(self, engine: Any, cube: str) -> dict[str, tuple[MemoryItem, SegmentState]]:
         out = {}
-        for item in _items(engine, cube, tier=Tier.MID, form=SEGMENT_FORM):
+        for item in _scan(engine, cube, tier=Tier.MID, form=SEGMENT_FORM):
             out[item.id] = (
                 item,
                 SegmentState.from_metadata(item.id, item.metadata["segment"], item.version),
@@ -326,7 +376,7 @@ class PlaintextTierPolicy:
     def _heat(
         self,
         segment: SegmentState,
-        members: Mapping[str, MemoryItem],
+        members: Mapping[str, tuple[int, int]],
         now_us: int,
         settings: TierSettings,
     ) -> tuple[float, int, int]:
@@ -334,11 +384,11 @@ class PlaintextTierPolicy:
         visits = 0
         last = segment.last_active_us
         for turn_id in segment.turns:
-            turn = members.get(turn_id)
-            if turn is None:
+            usage = members.get(turn_id)
+            if usage is None:
                 continue
-            visits += turn.usage.hits
-            last = max(last, turn.usage.last_hit_us or 0)
+            visits += usage[0]
+            last = max(last, usage[1])
         heat = tiers.segment_heat(
             visits=max(0, visits - segment.visits_base),
             length=max(0, len(segment.turns) - segment.length_base),
@@ -349,9 +399,9 @@ class PlaintextTierPolicy:
 
     def _hot_segments(
         self, engine: Any, cube: str, now_us: int, settings: TierSettings
-    ) -> tuple[list[tuple[float, SegmentState, int]], dict[str, MemoryItem]]:
-        """The hottest segments at or above ``promote_heat`` (at most a batch), and mid turns."""
-        members = {t.id: t for t in _items(engine, cube, tier=Tier.MID, form="plaintext")}
+    ) -> tuple[list[tuple[float, SegmentState, int]], _Usage]:
+        """The hottest segments at or above ``promote_heat`` (at most a batch), and mid usage."""
+        members = self._mid_usage(engine, cube)
         scored = []
         for _, segment in self._segments(engine, cube).values():
             heat, _, visits = self._heat(segment, members, now_us, settings)
@@ -360,6 +410,11 @@ class PlaintextTierPolicy:
         scored.sort(key=lambda h: (-h[0], h[1].key))
         return scored[: settings.consolidate_batch], members
 
+    @staticmethod
+    def _mid_usage(engine: Any, cube: str) -> _Usage:
+        """Usage of the active mid-tier turns, by id."""
+        return {t.id: _usage(t) for t in _scan(engine, cube, tier=Tier.MID, form="plaintext")}
+
     def _forgettable(
         self, engine: Any, cube: str, now_us: int, settings: TierSettings
     ) -> tuple[list[tuple[MemoryItem, int]], list[MemoryItem]]:
@@ -367,7 +422,7 @@ class PlaintextTierPolicy:
         expire: list[tuple[MemoryItem, int]] = []
         cold: list[MemoryItem] = []
         cold_us = int(settings.long_cold_days * tiers.US_PER_DAY)
-        for item in _items(engine, cube, status=Status.ACTIVE):
+        for item in _scan(engine, cube, status=Status.ACTIVE):
             expires = item.expires_at_us
             if expires is not None and now_us >= expires:
                 expire.append((item, expires))
@@ -383,15 +438,81 @@ class PlaintextTierPolicy:
     # --- tiers.evict --------------------------------------------------------------------
 
     def _run_evict(self, ctx: JobContext) -> dict[str, Any] | None:
+        """FIFO eviction, in committed steps of at most ``evict_batch`` turns.
+
+        The short tier is read once.  Each step moves the next (oldest)
+        turns to mid: segment assignment against the segments as the
+        previous step left them, mid capacity, and its own atomic write (a
+        bulk load of 100k turns is one WAL record per step, not one record
+        of ~80 MB).  A crash or a failed step leaves the earlier steps'
+        turns in mid, consistently; the rerun evicts only the rest.
+        """
         engine, cube = ctx.engine, _cube_of(ctx)
         settings = self.cube_settings(engine, cube)
-        now = ctx.now_us()
         short = _items(engine, cube, tier=Tier.SHORT, form="plaintext")
         evicted = tiers.fifo_evictions(short, settings.short_capacity, settings.short_max_items)
-        loaded = self._segments(engine, cube)
-        segments = [state for _, state in loaded.values()]
+        gone = {t.id for t in evicted}
+        kept: dict[str, int] = {}
+        for turn in short:
+            if turn.id not in gone:
+                key = turn.provenance.session or ""
+                kept[key] = kept.get(key, 0) + 1
+        turns = [_Turn(t.id, t.version, t.text, *_usage(t)) for t in evicted]
+        del short, evicted, gone  # a bulk load's items: millions of GC-tracked objects
+        size = settings.evict_batch
+        steps = [turns[i : i + size] for i in range(0, len(turns), size)] or [[]]
+        # Read once, then carried from step to step (the job is the only
+        # writer of the cube's segments: exclusive per cube, and every
+        # segment write checks its expected version).
+        segments = [state for _, state in self._segments(engine, cube).values()]
+        members = self._mid_usage(engine, cube)
+        totals: dict[str, Any] = {
+            "evicted": 0,
+            "segments_created": 0,
+            "segments_joined": 0,
+            "demoted": [],
+            "consolidate_job": None,
+            "steps": 0,
+        }
+        for index, batch in enumerate(steps):
+            ctx.check_cancelled()
+            totals = self._evict_step(
+                ctx,
+                cube,
+                settings,
+                batch,
+                segments=segments,
+                members=members,
+                totals=totals,
+                final=index == len(steps) - 1,
+            )
+            ctx.progress((index + 1) / len(steps), f"{totals['evicted']}/{len(turns)} turns moved")
+        # Exact counts as of this job's read replace on_write's estimate (which
+        # skipped the turns written while this job was due; it saw them).
+        self._counts[cube] = kept
+        return totals
+
+    def _evict_step(
+        self,
+        ctx: JobContext,
+        cube: str,
+        settings: TierSettings,
+        evicted: list[_Turn],
+        *,
+        segments: list[SegmentState],
+        members: _Usage,
+        totals: dict[str, Any],
+        final: bool,
+    ) -> dict[str, Any]:
+        """Move ``evicted`` to mid in one write (the job's last: also its success).
+
+        ``segments`` and ``members`` (mid turns' usage) are the state the
+        previous step left; both are updated in place to what this step
+        wrote: new segments get their ids, written ones their versions,
+        demoted ones (and their turns) leave.
+        """
+        now = ctx.now_us()
         before = {s.key: len(s.turns) for s in segments}
-        ctx.progress(0.1, f"embedding {len(evicted)} evicted turns")
         vectors = self._embed([t.text for t in evicted])
         ctx.check_cancelled()
         assignment = tiers.assign_segments(
@@ -401,8 +522,7 @@ class PlaintextTierPolicy:
             threshold=settings.segment_threshold,
             now_us=now,
         )
-        members = {t.id: t for t in _items(engine, cube, tier=Tier.MID, form="plaintext")}
-        members.update({t.id: t for t in evicted})
+        members.update({t.id: (t.hits, t.last_hit_us) for t in evicted})
         heats = {}
         for segment in segments:
             heat, last, _ = self._heat(segment, members, now, settings)
@@ -417,15 +537,11 @@ class PlaintextTierPolicy:
         )
         hot = any(h >= settings.promote_heat for k, (h, _) in heats.items() if k not in demote)
         changed = [s for s in segments if len(s.turns) != before.get(s.key)]
-        ctx.progress(0.6, f"committing {len(evicted)} turns, {len(demote)} demotions")
-        gone = {t.id for t in evicted}
-        kept: dict[str, int] = {}
-        for turn in short:
-            if turn.id not in gone:
-                key = turn.provenance.session or ""
-                kept[key] = kept.get(key, 0) + 1
+
+        written: dict[str, tuple[str, int]] = {}  # segment key -> (item id, version)
 
         def plan(p: Planner) -> dict[str, Any]:
+            written.clear()  # (the engine may run a plan again)
             ids: dict[str, str] = {}
             for segment in changed:
                 meta = {"segment": segment.to_metadata()}
@@ -439,9 +555,8 @@ class PlaintextTierPolicy:
                         operation=Operation.MIGRATE,
                         actor="scheduler",
                     )
-                    ids[segment.key] = item.id
                 else:
-                    p.update(
+                    item = p.update(
                         cube,
                         segment.key,
                         expected_version=segment.version,
@@ -449,7 +564,8 @@ class PlaintextTierPolicy:
                         operation=Operation.MIGRATE,
                         actor="scheduler",
                     )
-                    ids[segment.key] = segment.key
+                ids[segment.key] = item.id
+                written[segment.key] = (item.id, item.version)
             for turn in evicted:
                 current = p.item(cube, turn.id)
                 if current.version != turn.version or current.tier != Tier.SHORT:
@@ -487,11 +603,21 @@ class PlaintextTierPolicy:
                 "consolidate_job": job_id,
             }
 
-        result = ctx.commit(plan)
-        # Exact counts as of this job's read replace on_write's estimate (which
-        # skipped the turns written while this job was due; it saw them).
-        self._counts[cube] = kept
-        return result
+        if final:
+            step = ctx.commit(plan, result=lambda step: _fold(totals, step))
+        else:
+            step = ctx.commit_step(plan)
+        kept = []
+        for segment in segments:
+            if segment.key in demote:
+                for turn_id in segment.turns:
+                    members.pop(turn_id, None)
+                continue
+            if segment.key in written:
+                segment.key, segment.version = written[segment.key]
+            kept.append(segment)
+        segments[:] = kept
+        return _fold(totals, step)
 
     # --- tiers.consolidate ------------------------------------------------------------------
 
@@ -507,7 +633,7 @@ class PlaintextTierPolicy:
             return {"segments": [], "added": 0, "reinforced": [], "superseded": []}
         facts = [
             f
-            for f in _items(engine, cube, tier=Tier.LONG, form="plaintext")
+            for f in _scan(engine, cube, tier=Tier.LONG, form="plaintext")
             if f.metadata.get("tier_kind") == "fact"
         ]
         ctx.progress(0.05, f"embedding {len(facts)} known facts")
@@ -524,8 +650,8 @@ class PlaintextTierPolicy:
             done = set(segment.consolidated)
             turns = [
                 SourceTurn(t.id, t.version, t.text)
-                for t in (members.get(tid) for tid in segment.turns if tid not in done)
-                if t is not None
+                for t in self._mid_turns(engine, cube, segment.turns, members)
+                if t.id not in done
             ]
             drafts: list[FactDraft] = consolidator.consolidate(turns) if turns else []
             vectors = self._draft_vectors(drafts)
@@ -605,6 +731,23 @@ class PlaintextTierPolicy:
             engine.record_hits(cube, result["reinforced"], now_us=ctx.now_us())
         return result
 
+    @staticmethod
+    def _mid_turns(
+        engine: Any, cube: str, turn_ids: Sequence[str], members: _Usage
+    ) -> list[MemoryItem]:
+        """The active mid-tier turns among ``turn_ids`` (``members``: as read before)."""
+        out = []
+        for turn_id in turn_ids:
+            if turn_id not in members:
+                continue
+            try:
+                turn = engine.get(cube, turn_id)
+            except NotFound:
+                continue  # purged meanwhile
+            if turn.status == Status.ACTIVE and turn.tier == Tier.MID and turn.form == "plaintext":
+                out.append(turn)
+        return out
+
     # --- tiers.forget ---------------------------------------------------------------------
 
     def _run_forget(self, ctx: JobContext) -> dict[str, Any] | None:
@@ -635,7 +778,6 @@ class PlaintextTierPolicy:
         engine = ctx.engine
         s = TierSettings.from_mapping(settings)
         out: dict[str, Any] = {}
-        items = _items(engine, cube, status=None)
         for tier in (Tier.SHORT, Tier.MID, Tier.LONG):
             out[str(tier)] = {
                 "items": {str(st): 0 for st in (Status.ACTIVE, Status.ARCHIVED, Status.DELETED)},
@@ -644,7 +786,16 @@ class PlaintextTierPolicy:
             }
         heats: dict[str, list[float]] = {str(t): [] for t in Tier}
         segments = 0
-        for item in items:
+        facts = 0
+        members: _Usage = {}
+        for item in _scan(engine, cube, status=None):
+            if item.tier == Tier.MID and item.status == Status.ACTIVE:
+                members[item.id] = _usage(item)
+            facts += (
+                item.tier == Tier.LONG
+                and item.status == Status.ACTIVE
+                and item.metadata.get("tier_kind") == "fact"
+            )
             if item.form == SEGMENT_FORM:
                 segments += item.status == Status.ACTIVE
                 continue
@@ -661,19 +812,11 @@ class PlaintextTierPolicy:
                             settings=s,
                         )
                     )
-        members = {t.id: t for t in items if t.tier == Tier.MID and t.status == Status.ACTIVE}
         for _, segment in self._segments(engine, cube).values():
             heats[Tier.MID].append(self._heat(segment, members, now_us, s)[0])
         for tier_name, values in heats.items():
             out[tier_name]["heat_histogram"] = _histogram(values)
         out[Tier.MID]["segments"] = segments
-        facts = sum(
-            1
-            for i in items
-            if i.tier == Tier.LONG
-            and i.status == Status.ACTIVE
-            and i.metadata.get("tier_kind") == "fact"
-        )
         out[Tier.LONG]["facts"] = facts
         return out
 

@@ -23,7 +23,10 @@ only moves them through their states and calls handlers.
   job succeeded: effects and success are one WAL record.  A crash before it
   leaves no effect and the job runs again; a crash after it leaves a
   succeeded job that never runs again.  ``commit`` refuses (Conflict) when
-  the job is no longer the running attempt this context belongs to.
+  the job is no longer the running attempt this context belongs to.  A job
+  too big for one write commits in steps (:meth:`JobContext.commit_step`,
+  same guards), each durable and consistent on its own; a rerun resumes
+  from what the steps wrote, so such a handler must be idempotent.
 * **Failure**: an exception from a handler becomes :func:`jobs.fail` with
   the error's wire form (a :class:`MemosError`'s ``to_wire()``, else code
   ``internal`` with the exception type and message, logged with its
@@ -240,6 +243,29 @@ class JobContext:
         marked cancelled) if a cancel was requested, Conflict if the job is
         no longer this running attempt.
         """
+        return self._write(fn, final=True, result=result)
+
+    def commit_step(self, fn: Callable[[Planner], T]) -> T:
+        """Run ``fn`` in one atomic engine write that leaves the job running.
+
+        For a job too big for one write (a WAL record is bounded): each step
+        is durable on its own, so it must leave the store consistent, and a
+        rerun of the job (after a crash or a failed later step) must start
+        from what the steps already wrote.  The job still ends with
+        :meth:`commit`.  The same guards as ``commit``: Conflict if the job
+        is no longer this running attempt; a requested cancel marks it
+        cancelled instead (nothing of ``fn`` is written) and raises
+        :class:`JobCancelled`.
+        """
+        return self._write(fn, final=False, result=None)
+
+    def _write(
+        self,
+        fn: Callable[[Planner], T],
+        *,
+        final: bool,
+        result: dict[str, Any] | Callable[[T], dict[str, Any]] | None,
+    ) -> T:
         if self.committed:
             raise Conflict(f"job {self.job.id} already committed", reason="job_state")
         attempt = self.job.attempts
@@ -256,6 +282,8 @@ class JobContext:
                 p.transition_job(current.id, jobs.mark_cancelled)
                 return _CANCELLED
             value = fn(p)
+            if not final:
+                return value
             if callable(result):
                 res = result(value)
             elif result is not None:
@@ -266,10 +294,13 @@ class JobContext:
             return value
 
         outcome = self.engine.atomic(plan)
-        self.committed = True
-        self.job = self.engine.get_job(self.job.id)
         if isinstance(outcome, _Cancelled):
+            self.committed = True
+            self.job = self.engine.get_job(self.job.id)
             raise JobCancelled(self.job.id)
+        if final:
+            self.committed = True
+            self.job = self.engine.get_job(self.job.id)
         return outcome  # type: ignore[no-any-return]
 
 

@@ -53,6 +53,60 @@ def test_commit_writes_effects_and_success_together(
     assert engine.status()["last_lsn"] == before + 3
 
 
+def test_commit_steps_are_durable_and_leave_the_job_running(
+    engine: Engine, clock: FakeClock, started: list[JobRunner]
+) -> None:
+    seen: list[str] = []
+
+    def handler(ctx: JobContext) -> dict[str, Any] | None:
+        for n in range(3):
+            ctx.commit_step(lambda p, n=n: p.add("c", f"step {n}", tier="long"))
+            seen.append(engine.get_job(ctx.job.id).state)
+        return ctx.commit(lambda p: {"last": p.add("c", "final", tier="long").id})
+
+    runner = make_runner(engine, clock, {"test.steps": handler})
+    started.append(runner)
+    runner.start()
+    before = engine.status()["last_lsn"]
+    job = runner.run_now("test.steps", "c", timeout=10)
+    assert job.state == "succeeded"
+    assert seen == ["running"] * 3
+    assert sorted(i.text for i in engine.list_items("c")) == ["final", "step 0", "step 1", "step 2"]
+    # submit, start, one record per step, ONE for the last effects and the success
+    assert engine.status()["last_lsn"] == before + 6
+
+
+def test_cancel_between_steps_keeps_the_steps_written(
+    engine: Engine, clock: FakeClock, started: list[JobRunner]
+) -> None:
+    stepped = threading.Event()
+    release = threading.Event()
+    after_cancel: list[str] = []
+
+    def handler(ctx: JobContext) -> dict[str, Any] | None:
+        ctx.commit_step(lambda p: p.add("c", "first step"))
+        stepped.set()
+        release.wait(10)
+        try:
+            ctx.commit_step(lambda p: p.add("c", "must not exist"))
+        except BaseException as exc:
+            after_cancel.append(type(exc).__name__)
+            raise
+        return {}
+
+    runner = make_runner(engine, clock, {"test.steps": handler})
+    started.append(runner)
+    runner.start()
+    job = runner.submit("test.steps", cube="c")
+    assert stepped.wait(10)
+    runner.cancel(job.id)
+    release.set()
+    runner.drain()
+    assert engine.get_job(job.id).state == "cancelled"
+    assert after_cancel == ["JobCancelled"]
+    assert [i.text for i in engine.list_items("c")] == ["first step"]
+
+
 def test_failures_retry_with_backoff_then_succeed(
     engine: Engine, clock: FakeClock, started: list[JobRunner]
 ) -> None:

@@ -20,7 +20,7 @@ from memosd.memcube.model import CubeConfig
 from memosd.scheduler.driver import TierScheduler
 from memosd.scheduler.policies_builtin import SEGMENT_FORM, builtin_policies
 from memosd.scheduler.policy import PolicyRegistry
-from memosd.scheduler.runner import JobRunner
+from memosd.scheduler.runner import JobContext, JobRunner
 
 from .conftest import FakeClock  # type: ignore[import-not-found]
 
@@ -355,3 +355,99 @@ def test_tier_run_on_demand(tiered: Tiered) -> None:
     assert ran[0].result is not None
     assert ran[0].result["evicted"] == 3
     assert len(t.items("od", tier="short")) == 2
+
+
+# --- a bulk load: eviction in committed steps -----------------------------------------
+
+
+def _bulk(t: Tiered, cube: str, n: int) -> list[str]:
+    """``n`` turns of one session written in one atomic step (a bulk import)."""
+
+    def plan(p: Any) -> list[str]:
+        return [
+            p.add(cube, f"Alice: {TOPICS[NAMES[i % 4]][1][i % 5]} (turn {i})", session="s").id
+            for i in range(n)
+        ]
+
+    ids: list[str] = t.engine.atomic(plan)
+    return ids
+
+
+def _assert_each_moved_turn_in_one_segment(t: Tiered, cube: str, moved: list[str]) -> None:
+    members: Counter[str] = Counter()
+    for segment in t.items(cube, form=SEGMENT_FORM):
+        members.update(segment.metadata["segment"]["turns"])
+    assert {i: members[i] for i in moved} == dict.fromkeys(moved, 1)
+    for turn_id in moved:
+        turn = t.engine.get(cube, turn_id)
+        assert turn.tier == "mid"
+        assert turn.metadata["segment"] in {s.id for s in t.items(cube, form=SEGMENT_FORM)}
+
+
+def test_bulk_load_is_evicted_in_bounded_steps(tiered: Tiered) -> None:
+    t = tiered
+    make_cube(t, "bulk", short_capacity=2, evict_batch=7, promote_heat=1000.0)
+    ids = _bulk(t, "bulk", 40)
+    t.settle()
+    job, *later = t.jobs("tiers.evict")  # later checks found nothing left to do
+    assert job.state == "succeeded"
+    assert job.result["evicted"] == 38
+    assert job.result["steps"] == 6  # ceil(38 / 7) writes, the last one with the success
+    assert [j.result["evicted"] for j in later] == [0] * len(later)
+    assert [i for i in ids if t.engine.get("bulk", i).tier == "short"] == ids[-2:]
+    _assert_each_moved_turn_in_one_segment(t, "bulk", ids[:-2])
+
+
+def test_failed_step_keeps_earlier_steps_and_the_retry_moves_the_rest(
+    tiered: Tiered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiered
+    make_cube(t, "bulk", short_capacity=2, evict_batch=7, promote_heat=1000.0)
+    real = JobContext.commit_step
+    calls = []
+    ids: list[str] = []
+    at_failure: list[list[str]] = []
+
+    def flaky(self: JobContext, fn: Any) -> Any:
+        calls.append(fn)
+        if len(calls) == 3:
+            at_failure.append([i for i in ids if t.engine.get("bulk", i).tier == "mid"])
+            raise RuntimeError("injected: the third step fails")
+        return real(self, fn)
+
+    monkeypatch.setattr(JobContext, "commit_step", flaky)
+    ids.extend(_bulk(t, "bulk", 40))
+    t.settle()
+    assert at_failure == [ids[:14]]  # the two committed steps, oldest first
+    failed = [j for j in t.jobs("tiers.evict") if j.error and "injected" in j.error["message"]]
+    assert len(failed) == 1
+    t.clock.advance(HOUR)  # past the retry's backoff
+    t.settle()
+    jobs = t.jobs("tiers.evict")
+    assert all(j.state == "succeeded" for j in jobs)
+    # Nothing was moved twice: the rest, 24 turns, by the retry or a later job.
+    assert sum(j.result["evicted"] for j in jobs) == 24
+    assert [i for i in ids if t.engine.get("bulk", i).tier == "short"] == ids[-2:]
+    _assert_each_moved_turn_in_one_segment(t, "bulk", ids[:-2])
+
+
+def test_steps_carry_segments_and_demotions_forward(tiered: Tiered) -> None:
+    t = tiered
+    make_cube(t, "bulk", short_capacity=2, evict_batch=5, mid_capacity=3, promote_heat=1000.0)
+    ids = _bulk(t, "bulk", 60)
+    t.settle()
+    job, *later = t.jobs("tiers.evict")
+    assert (job.state, job.attempts) == ("succeeded", 1)  # no step conflicted with another
+    assert (job.result["evicted"], job.result["steps"]) == (58, 12)
+    assert job.result["demoted"]  # segments were demoted between steps
+    active = t.items("bulk", form=SEGMENT_FORM)
+    assert len(active) <= 3
+    archived = [s for s in t.items("bulk", form=SEGMENT_FORM, status=None) if s.status != "active"]
+    assert {s.id for s in archived} == set(job.result["demoted"])
+    members: Counter[str] = Counter()
+    for segment in [*active, *archived]:
+        members.update(segment.metadata["segment"]["turns"])
+    assert {i: members[i] for i in ids[:-2]} == dict.fromkeys(ids[:-2], 1)
+    in_archived = {tid for s in archived for tid in s.metadata["segment"]["turns"]}
+    for turn_id in ids[:-2]:
+        assert t.engine.get("bulk", turn_id).tier == ("long" if turn_id in in_archived else "mid")

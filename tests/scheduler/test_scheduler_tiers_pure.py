@@ -97,6 +97,45 @@ def test_assign_segments_by_centroid_similarity() -> None:
     assert got == {"t1": "new:0"}
 
 
+def _assign_pairwise(
+    turns: list[tuple[str, str]], vectors: Any, segments: list[tiers.SegmentState], theta: float
+) -> dict[str, str]:
+    """The definition, one centroid at a time (what the matrix version must equal)."""
+    out: dict[str, str] = {}
+    created = 0
+    for (turn_id, text), vector in zip(turns, vectors, strict=True):
+        best, best_score = None, -2.0
+        for segment in segments:
+            score = float(np.dot(segment.centroid, vector))
+            if score > best_score:
+                best, best_score = segment, score
+        if best is None or best_score < theta or not np.any(vector):
+            best = tiers.SegmentState(f"new:{created}", np.zeros_like(vector), summary=text)
+            created += 1
+            segments.append(best)
+        best.vector_sum = (best.vector_sum + vector).astype(np.float32)
+        best.turns.append(turn_id)
+        out[turn_id] = best.key
+    return out
+
+
+def test_assign_segments_matches_the_pairwise_definition() -> None:
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(40, 32)).astype(np.float32)
+    picks = rng.integers(0, 40, size=600)
+    vectors = centres[picks] + rng.normal(scale=0.6, size=(600, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[5] = 0.0  # an empty text's vector always starts a segment
+    turns = [(f"t{i}", f"text {i}") for i in range(600)]
+    for theta in (0.3, 0.6, 0.9):
+        fast: list[tiers.SegmentState] = []
+        slow: list[tiers.SegmentState] = []
+        got = tiers.assign_segments(turns, vectors, fast, threshold=theta, now_us=1)
+        assert got == _assign_pairwise(turns, vectors, slow, theta)
+        assert [s.turns for s in fast] == [s.turns for s in slow]
+        assert 1 < len(fast) < 600  # both joins and new segments happened
+
+
 @pytest.mark.parametrize(
     ("sentence", "subject", "value"),
     [
