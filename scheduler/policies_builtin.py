@@ -32,7 +32,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -49,7 +49,7 @@ from memosd.scheduler.consolidate import (
 )
 from memosd.scheduler.policy import JobRequest, PolicyContext, PolicySetting, resolve_settings
 from memosd.scheduler.runner import JobContext, JobHandler
-from memosd.scheduler.tiers import SegmentState, TierSettings
+from memosd.scheduler.tiers import SegmentState, ShortTurn, TierSettings
 
 if TYPE_CHECKING:
     from memosd.engine import ChangeEvent
@@ -73,18 +73,12 @@ SEGMENT_FORM: Final = "tier-segment"
 EVICT: Final = "tiers.evict"
 CONSOLIDATE: Final = "tiers.consolidate"
 FORGET: Final = "tiers.forget"
-_ALL: Final = 1_000_000_000
 _SCAN_PAGE: Final = 1000
 _HEAT_BINS: Final = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 
-def _items(engine: Any, cube: str, **filters: Any) -> list[MemoryItem]:
-    items: list[MemoryItem] = engine.list_items(cube, limit=_ALL, **filters)
-    return items
-
-
 def _scan(engine: Any, cube: str, **filters: Any) -> Iterator[MemoryItem]:
-    """The cube's items (``list_items`` filters) in id order, a page per read.
+    """The cube's items (``list_items`` filters) in id order, a page per read transaction.
 
     For passes over a tier that may be big (a bulk load's short tier, the
     long tier): only the caller's summary stays alive, not every item - a
@@ -97,16 +91,6 @@ def _scan(engine: Any, cube: str, **filters: Any) -> Iterator[MemoryItem]:
         if len(page) < _SCAN_PAGE:
             return
         after = page[-1].id
-
-
-class _Turn(NamedTuple):
-    """What eviction keeps of a short turn (a tuple of atoms: no GC tracking)."""
-
-    id: str
-    version: int
-    text: str
-    hits: int
-    last_hit_us: int
 
 
 #: Per turn id: (search hits, last hit time) - what segment heat needs of a member.
@@ -449,16 +433,14 @@ class PlaintextTierPolicy:
         """
         engine, cube = ctx.engine, _cube_of(ctx)
         settings = self.cube_settings(engine, cube)
-        short = _items(engine, cube, tier=Tier.SHORT, form="plaintext")
-        evicted = tiers.fifo_evictions(short, settings.short_capacity, settings.short_max_items)
-        gone = {t.id for t in evicted}
+        short = [ShortTurn.of(t) for t in _scan(engine, cube, tier=Tier.SHORT, form="plaintext")]
+        turns = tiers.fifo_evictions(short, settings.short_capacity, settings.short_max_items)
+        gone = {t.id for t in turns}
         kept: dict[str, int] = {}
         for turn in short:
             if turn.id not in gone:
-                key = turn.provenance.session or ""
-                kept[key] = kept.get(key, 0) + 1
-        turns = [_Turn(t.id, t.version, t.text, *_usage(t)) for t in evicted]
-        del short, evicted, gone  # a bulk load's items: millions of GC-tracked objects
+                kept[turn.session] = kept.get(turn.session, 0) + 1
+        del short, gone
         size = settings.evict_batch
         steps = [turns[i : i + size] for i in range(0, len(turns), size)] or [[]]
         # Read once, then carried from step to step (the job is the only
@@ -497,7 +479,7 @@ class PlaintextTierPolicy:
         ctx: JobContext,
         cube: str,
         settings: TierSettings,
-        evicted: list[_Turn],
+        evicted: list[ShortTurn],
         *,
         segments: list[SegmentState],
         members: _Usage,

@@ -25,7 +25,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +39,7 @@ __all__ = [
     "ExistingFact",
     "FactDecision",
     "SegmentState",
+    "ShortTurn",
     "TierSettings",
     "assign_segments",
     "coldest_over_capacity",
@@ -195,8 +196,33 @@ class TierSettings:
 # --- short tier ----------------------------------------------------------------------
 
 
-def _turn_order(item: MemoryItem) -> tuple[int, str]:
-    return (item.created_us, item.id)
+class ShortTurn(NamedTuple):
+    """What eviction needs of a short turn: atoms only, so the cyclic GC stops
+    tracking it (a bulk load's 100k turns as items are millions of objects)."""
+
+    id: str
+    version: int
+    text: str
+    session: str  # "" without one
+    created_us: int
+    hits: int
+    last_hit_us: int
+
+    @classmethod
+    def of(cls, item: MemoryItem) -> ShortTurn:
+        return cls(
+            item.id,
+            item.version,
+            item.text,
+            item.provenance.session or "",
+            item.created_us,
+            item.usage.hits,
+            item.usage.last_hit_us or 0,
+        )
+
+
+def _turn_order(turn: ShortTurn) -> tuple[int, str]:
+    return (turn.created_us, turn.id)
 
 
 def evictions_due(sessions: Mapping[str, int], capacity: int, max_items: int = 0) -> bool:
@@ -207,8 +233,8 @@ def evictions_due(sessions: Mapping[str, int], capacity: int, max_items: int = 0
 
 
 def fifo_evictions(
-    turns: Iterable[MemoryItem], capacity: int, max_items: int = 0
-) -> list[MemoryItem]:
+    turns: Iterable[ShortTurn], capacity: int, max_items: int = 0
+) -> list[ShortTurn]:
     """Turns beyond the latest ``capacity`` of their session, oldest first.
 
     Turns without a session form one group of their own.  With ``max_items``
@@ -216,11 +242,11 @@ def fifo_evictions(
     cube: the short tier is working memory of what is recent, so a cube with
     many sessions does not keep ``capacity`` turns of every old one.
     """
-    by_session: dict[str, list[MemoryItem]] = {}
+    by_session: dict[str, list[ShortTurn]] = {}
     for turn in turns:
-        by_session.setdefault(turn.provenance.session or "", []).append(turn)
-    evicted: list[MemoryItem] = []
-    kept: list[MemoryItem] = []
+        by_session.setdefault(turn.session, []).append(turn)
+    evicted: list[ShortTurn] = []
+    kept: list[ShortTurn] = []
     for group in by_session.values():
         group.sort(key=_turn_order)
         cut = max(0, len(group) - capacity)

@@ -436,7 +436,7 @@ def test_steps_carry_segments_and_demotions_forward(tiered: Tiered) -> None:
     make_cube(t, "bulk", short_capacity=2, evict_batch=5, mid_capacity=3, promote_heat=1000.0)
     ids = _bulk(t, "bulk", 60)
     t.settle()
-    job, *later = t.jobs("tiers.evict")
+    job = t.jobs("tiers.evict")[0]
     assert (job.state, job.attempts) == ("succeeded", 1)  # no step conflicted with another
     assert (job.result["evicted"], job.result["steps"]) == (58, 12)
     assert job.result["demoted"]  # segments were demoted between steps

@@ -13,7 +13,6 @@ from memosd.embed import HashingEmbedder
 from memosd.errors import BadRequest, Conflict, NotFound
 from memosd.memcube import versioning
 from memosd.memcube.ids import MonotonicIdFactory
-from memosd.memcube.model import MemoryItem
 from memosd.scheduler import tiers
 from memosd.scheduler.policies_builtin import PlaintextTierPolicy, builtin_policies
 from memosd.scheduler.policy import PolicyRegistry, policies_for_cube, resolve_settings
@@ -21,8 +20,9 @@ from memosd.scheduler.policy import PolicyRegistry, policies_for_cube, resolve_s
 _ids = MonotonicIdFactory()
 
 
-def turn(text: str, session: str | None, at_us: int) -> MemoryItem:
-    return versioning.new_item(id=_ids(at_us), cube="c", text=text, now_us=at_us, session=session)
+def turn(text: str, session: str | None, at_us: int) -> tiers.ShortTurn:
+    item = versioning.new_item(id=_ids(at_us), cube="c", text=text, now_us=at_us, session=session)
+    return tiers.ShortTurn.of(item)
 
 
 def test_fifo_keeps_latest_n_per_session() -> None:
