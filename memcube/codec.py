@@ -441,6 +441,25 @@ def decode_item_keys(data: _BytesLike, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
     return ItemKeys(cube, id_, version, status, prov[4], payload)
 
 
+def decode_item_class(
+    data: _BytesLike, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[str, str, str]:
+    """(status, tier, form) of an item record, checking those fields only.
+
+    A filtered scan (one tier of a 100k-item cube) looks at every record but
+    builds only the items that match: unpacking is ~5x cheaper than decoding.
+    """
+    r = unpackb(data, max_bytes=max_bytes)
+    _check_header(r, "item", _ITEM_KEYS)
+    try:
+        status, tier, form = r["st"], r["tier"], r["form"]
+    except KeyError as exc:
+        raise CodecError(f"item record lacks field {exc}") from None
+    if type(status) is not str or type(tier) is not str or type(form) is not str:
+        _bad("item", "st/tier/form")
+    return status, tier, form
+
+
 # --- cubes ---------------------------------------------------------------------------
 
 

@@ -886,16 +886,12 @@ class Engine:
         def read(view: StoreView) -> list[MemoryItem]:
             view.require_cube(cube)
             out: list[MemoryItem] = []
-            for item in view.iter_latest(cube, after):
+            if limit == 0:
+                return out
+            for item in view.iter_latest(cube, after, status=status, tier=tier, form=form):
+                out.append(item)
                 if len(out) >= limit:
                     break
-                if status is not None and item.status != status:
-                    continue
-                if tier is not None and item.tier != tier:
-                    continue
-                if form is not None and item.form != form:
-                    continue
-                out.append(item)
             return out
 
         return self._read(read)

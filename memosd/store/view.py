@@ -188,15 +188,50 @@ class StoreView:
             for key, value in self._scan("versions", prefix)
         ]
 
-    def iter_latest(self, cube: str, after: str | None = None) -> Iterator[MemoryItem]:
-        """Latest version of every item of ``cube`` in id order (ids > ``after``)."""
+    def iter_latest(
+        self,
+        cube: str,
+        after: str | None = None,
+        *,
+        status: str | None = None,
+        tier: str | None = None,
+        form: str | None = None,
+    ) -> Iterator[MemoryItem]:
+        """Latest version of every item of ``cube`` in id order (ids > ``after``).
+
+        With ``status``/``tier``/``form``, only the items that have them; the
+        others are recognised from their record's fields without being built.
+        """
         prefix = keys.cube_prefix(cube)
         start = keys.item_key(cube, after) + b"\x00" if after else prefix
+        if status is None and tier is None and form is None:
+            for key, value in self._scan("latest", prefix, start=start):
+                _, item_id = keys.split_item_key(key)
+                item = self.version(cube, item_id, keys.unpack_u32(value))
+                if item is not None:
+                    yield item
+            return
+        caches = self._caches
         for key, value in self._scan("latest", prefix, start=start):
-            _, item_id = keys.split_item_key(key)
-            item = self.version(cube, item_id, keys.unpack_u32(value))
-            if item is not None:
-                yield item
+            vkey = (
+                key + keys.SEP + value
+            )  # keys.version_key: the latest value is the packed version
+            raw = self._get("versions", vkey)
+            if raw is None:
+                continue
+            entry = None if caches is None else caches.items.get(vkey)
+            if entry is not None and entry.record == raw:
+                base = entry.base
+                found = (base.status, base.tier, base.form)
+            else:
+                found = codec.decode_item_class(raw)
+            if (
+                (status is not None and found[0] != status)
+                or (tier is not None and found[1] != tier)
+                or (form is not None and found[2] != form)
+            ):
+                continue
+            yield self._decode_version(vkey, raw, self._get("usage", key))
 
     def purge_record(self, cube: str, item_id: str) -> PurgeRecord | None:
         raw = self._get("purges", keys.item_key(cube, item_id))

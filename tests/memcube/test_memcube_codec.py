@@ -32,7 +32,7 @@ from memosd.memcube import (
     packb,
     unpackb,
 )
-from memosd.memcube.codec import decode_item_keys, pack_raw
+from memosd.memcube.codec import decode_item_class, decode_item_keys, pack_raw
 from memosd.memcube.model import MAX_METADATA_DEPTH, Operation
 from memosd.testing import fuzz_examples
 
@@ -266,6 +266,18 @@ def test_nan_heat_is_a_codec_error() -> None:
     with pytest.raises(CodecError, match="use"):
         decode_item(msgpack.packb({**record, "use": [0, None, float("nan")]}))
     assert decode_item(msgpack.packb({**record, "use": [0, None, float("inf")]})).usage.heat > 1
+
+
+def test_item_class_reads_three_fields_and_rejects_garbage() -> None:
+    good = encode_item(KNOWN_ITEM)
+    assert decode_item_class(good) == (KNOWN_ITEM.status, KNOWN_ITEM.tier, KNOWN_ITEM.form)
+    for bad in (encode_cube(KNOWN_CUBE), b"\x93\x01\x02\x03", good[:-1], good + b"\x00"):
+        with pytest.raises(CodecError):
+            decode_item_class(bad)
+    record = msgpack.unpackb(good)
+    for field in ("st", "tier", "form"):
+        with pytest.raises(CodecError, match="st/tier/form"):
+            decode_item_class(msgpack.packb({**record, field: 7}))
 
 
 def test_item_keys_reject_what_is_not_an_item_record() -> None:

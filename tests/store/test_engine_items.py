@@ -129,6 +129,40 @@ def test_list_filters_and_counts(engine: Engine) -> None:
     assert engine.count_items("notes") == {"active": 2, "archived": 0, "deleted": 1}
 
 
+def test_filtered_listing_matches_filtering_every_item(engine: Engine) -> None:
+    """Filters are judged from the records' fields; the result is the full-item filter's."""
+    made = []
+    for i in range(60):
+        tier = ("short", "mid", "long")[i % 3]
+        form = "plaintext" if i % 4 else "tier-segment"
+        made.append(engine.add("notes", f"t{i}", tier=tier, form=form))
+    for it in made[::5]:
+        engine.update("notes", it.id, tier="long")  # the latest version decides
+    engine.delete("notes", made[7].id)
+    engine.record_hits("notes", [made[8].id], now_us=5)
+    engine.checkpoint()  # flushes pending usage
+    everything = engine.list_items("notes", status=None, limit=1000)
+    for status in (None, "active", "deleted"):
+        for tier in (None, "short", "mid", "long"):
+            for form in (None, "plaintext", "tier-segment"):
+                want = [
+                    i
+                    for i in everything
+                    if (status is None or i.status == status)
+                    and (tier is None or i.tier == tier)
+                    and (form is None or i.form == form)
+                ]
+                got = engine.list_items("notes", status=status, tier=tier, form=form, limit=1000)
+                assert got == want, (status, tier, form)
+    # Paging through a filter: limit and after, as an unfiltered list pages.
+    longs = engine.list_items("notes", tier="long", limit=1000)
+    first = engine.list_items("notes", tier="long", limit=4)
+    rest = engine.list_items("notes", tier="long", limit=1000, after=first[-1].id)
+    assert first + rest == longs
+    assert engine.list_items("notes", tier="long", limit=0) == []
+    assert next(i for i in longs if i.id == made[8].id).usage.hits == 1  # usage merged in
+
+
 def test_usage_hits_are_batched_without_new_versions(engine: Engine) -> None:
     item = engine.add("notes", "hot")
     lsn = engine.status()["last_lsn"]
