@@ -364,6 +364,7 @@ async def serve(
                 engine,
                 plugins=plugins,
                 embedder=search.embedder if search is not None else None,
+                vector_lookup=search.known_vectors if search is not None else None,
                 handlers={**kv.handlers(), **lora.handlers()},
             )
             return await _serve_engine(

@@ -76,6 +76,7 @@ def open_scheduler(
     *,
     plugins: PluginRuntime | None,
     embedder: Any = None,
+    vector_lookup: Any = None,
     handlers: Mapping[str, JobHandler] | None = None,
 ) -> SchedulerRuntime:
     """Build (not start) the daemon's scheduler from its settings and plugins."""
@@ -86,7 +87,9 @@ def open_scheduler(
         if manager is not None
         else {}
     )
-    registry = build_registry(policies, embedder=embedder, consolidators=consolidators)
+    registry = build_registry(
+        policies, embedder=embedder, consolidators=consolidators, vector_lookup=vector_lookup
+    )
     all_handlers: dict[str, JobHandler] = dict(plugins.job_handlers() if plugins else {})
     for kind, handler in (handlers or {}).items():
         if kind in all_handlers:

@@ -49,19 +49,24 @@ def build_registry(
     *,
     embedder: Embedder | Callable[[], Embedder] | None = None,
     consolidators: Mapping[str, Callable[..., Any]] | None = None,
+    vector_lookup: Callable[..., Any] | None = None,
 ) -> PolicyRegistry:
     """A registry of the policies plugins registered, wired to the daemon's resources.
 
     ``policies``: what the ``register_tier_policies`` hooks returned
     (``PluginManager.policies()``).  Policies that accept them get the
     shared ``embedder`` (``use_embedder``: the search service's, so the model
-    is loaded once) and the consolidator factories of the
-    ``register_consolidators`` hooks (``use_consolidators``).
+    is loaded once), the vectors its index already holds (``use_vector_lookup``:
+    ``SearchService.known_vectors``, so a turn is not embedded twice) and the
+    consolidator factories of the ``register_consolidators`` hooks
+    (``use_consolidators``).
     """
     registry = PolicyRegistry(policies)
     for policy in registry:
         if embedder is not None and hasattr(policy, "use_embedder"):
             policy.use_embedder(embedder)
+        if vector_lookup is not None and hasattr(policy, "use_vector_lookup"):
+            policy.use_vector_lookup(vector_lookup)
         if consolidators and hasattr(policy, "use_consolidators"):
             policy.use_consolidators(consolidators)
     return registry

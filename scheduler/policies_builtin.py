@@ -93,6 +93,9 @@ def _scan(engine: Any, cube: str, **filters: Any) -> Iterator[MemoryItem]:
         after = page[-1].id
 
 
+#: (cube, [(item id, text)]) -> the vectors an index holds for exactly those texts, by id.
+VectorLookup = Callable[[str, Sequence[tuple[str, str]]], Mapping[str, Any]]
+
 #: Per turn id: (search hits, last hit time) - what segment heat needs of a member.
 _Usage = dict[str, tuple[int, int]]
 
@@ -155,6 +158,8 @@ class PlaintextTierPolicy:
         """
         self._embedder_source = embedder
         self._embedder: Embedder | None = None
+        self._vector_lookup: VectorLookup | None = None
+        self.vectors_reused = 0  # turn vectors taken from the search index, not embedded
         self._embedder_lock = threading.Lock()
         self._consolidator = consolidator
         self._factories: dict[str, ConsolidatorFactory] = dict(
@@ -177,6 +182,11 @@ class PlaintextTierPolicy:
         with self._embedder_lock:
             self._embedder_source = embedder
             self._embedder = None
+
+    def use_vector_lookup(self, lookup: VectorLookup) -> None:
+        """Take turn vectors the search index already holds (``SearchService.known_vectors``)
+        instead of embedding those texts a second time; the rest are embedded."""
+        self._vector_lookup = lookup
 
     def use_consolidators(self, factories: Mapping[str, ConsolidatorFactory]) -> None:
         """Add consolidator factories by name (from the ``register_consolidators`` hook).
@@ -209,6 +219,23 @@ class PlaintextTierPolicy:
         if not texts:
             return np.zeros((0, self.embedder.dim), dtype=np.float32)
         return np.asarray(self.embedder.embed(list(texts)), dtype=np.float32)
+
+    def _turn_vectors(self, cube: str, turns: Sequence[ShortTurn]) -> tiers.Vector:
+        """The turns' embeddings: the search index's where it holds them, else embedded now."""
+        lookup = self._vector_lookup
+        known = {} if lookup is None or not turns else lookup(cube, [(t.id, t.text) for t in turns])
+        missing = [i for i, t in enumerate(turns) if t.id not in known]
+        fresh = self._embed([turns[i].text for i in missing])
+        if not known:
+            return fresh
+        self.vectors_reused += len(known)
+        out = np.empty((len(turns), fresh.shape[1]), dtype=np.float32)
+        for row, i in enumerate(missing):
+            out[i] = fresh[row]
+        for i, turn in enumerate(turns):
+            if turn.id in known:
+                out[i] = known[turn.id]
+        return out
 
     def _draft_vectors(self, drafts: Sequence[FactDraft]) -> tiers.Vector:
         """Vectors of the drafts: the consolidator's where given, else embedded now."""
@@ -495,7 +522,7 @@ class PlaintextTierPolicy:
         """
         now = ctx.now_us()
         before = {s.key: len(s.turns) for s in segments}
-        vectors = self._embed([t.text for t in evicted])
+        vectors = self._turn_vectors(cube, evicted)
         ctx.check_cancelled()
         assignment = tiers.assign_segments(
             [(t.id, t.text) for t in evicted],

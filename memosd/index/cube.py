@@ -146,6 +146,35 @@ class CubeIndex:
             self.dirty = True
         return True
 
+    def known_vectors(self, entries: Sequence[tuple[str, str]]) -> dict[str, npt.NDArray[Any]]:
+        """Vectors of the ``(item id, text)`` entries indexed with exactly that text.
+
+        The indexed vector of an item is its embedding when its indexed text
+        (its form's text plus retrieval context) is ``text``; the digest
+        says so without the text.  Entries not indexed, indexed with another
+        text, or in a cube without a dense index are left out.
+        """
+        dense = self.dense
+        if dense is None or not entries:
+            return {}
+        found: list[tuple[str, int]] = []
+        with self.lock:
+            for item_id, text in entries:
+                entry = self.by_item.get(item_id)
+                if entry is not None and entry[2] and entry[2] == text_digest(text):
+                    found.append((item_id, entry[0]))
+        if not found:
+            return {}
+        try:
+            vectors = dense.vectors([label for _, label in found])
+        except KeyError:  # changed since (the worker removed one): look them up one by one
+            out = {}
+            for item_id, label in found:
+                with contextlib.suppress(KeyError):
+                    out[item_id] = dense.vectors([label])[0]
+            return out
+        return {item_id: vectors[row] for row, (item_id, _) in enumerate(found)}
+
     def upsert_many(
         self,
         entries: Sequence[tuple[str, int, str]],

@@ -39,7 +39,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import faiss
@@ -310,6 +310,18 @@ class DenseIndex:
             return True
         builder.join(timeout)
         return not builder.is_alive()
+
+    def vectors(self, labels: Sequence[int]) -> npt.NDArray[np.float32]:
+        """The stored vectors of live ``labels`` (row-aligned; float16 storage: decoded)."""
+        if not labels:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        ids = np.asarray(labels, dtype=np.int64)
+        with self._lock:
+            missing = [label for label in labels if label not in self._live]
+            if missing:
+                raise KeyError(f"labels not in the index: {missing[:5]}")
+            out = self._index.reconstruct_batch(ids)
+        return np.ascontiguousarray(out, dtype=np.float32)
 
     # --- search -------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from memosd.embed import Embedder, MiniLMEmbedder, QueryCache
 from memosd.errors import BadRequest, NotFound, TooLarge, Unavailable
@@ -127,6 +128,18 @@ class SearchService:
 
     def wait_indexed(self, lsn: int, timeout: float | None = None) -> bool:
         return self.indexer.wait_indexed(lsn, timeout)
+
+    def known_vectors(
+        self, cube: str, entries: Sequence[tuple[str, str]]
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Indexed vectors of ``(item id, text)`` entries whose indexed text is ``text``.
+
+        For work that would embed texts the index already embedded with the
+        same embedder (the tier policy's segment assignment); what is not
+        (yet) indexed is left out, for the caller to embed.
+        """
+        index = self.indexer.cubes.get(cube)
+        return {} if index is None else index.known_vectors(entries)
 
     def snapshot(self, timeout: float | None = None) -> bool:
         """Write a snapshot of changed cubes now (and wait for it)."""

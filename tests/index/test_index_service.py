@@ -292,6 +292,37 @@ def test_metadata_only_updates_keep_the_vector(engine: Engine, tmp_path: Path) -
     svc3.close()
 
 
+def test_known_vectors_are_the_indexed_embeddings_of_exactly_that_text(
+    engine: Engine, tmp_path: Path
+) -> None:
+    emb = HashingEmbedder(64)
+    for storage, threshold in (("float32", 10_000), ("float16", 20)):
+        settings = IndexSettings(
+            snapshot_interval_s=0,
+            hnsw_threshold=threshold,
+            hnsw_background=False,
+            vector_storage=storage,
+        )
+        cube = f"c{storage}"
+        svc = SearchService(engine, tmp_path / cube, embedder=emb, settings=settings)
+        svc.start()
+        engine.create_cube(cube, owner="uid:1", config=svc.cube_config())
+        texts = [f"turn {i} about topic{i % 5}" for i in range(30)]
+        items = [engine.add(cube, t) for t in texts]
+        with_context = engine.add(cube, "same words", metadata={"context": "a question"})
+        svc.wait_indexed(engine.applied_lsn, 10)
+        asked = [(it.id, it.text) for it in items[:10]]
+        asked += [(items[10].id, "another text"), ("01HF7YAT00GSKMGD7VG863D1CE", "x")]
+        asked += [(with_context.id, "same words")]  # indexed with its context: not this text
+        known = svc.known_vectors(cube, asked)
+        assert sorted(known) == sorted(it.id for it in items[:10])
+        want = emb.embed(texts[:10])
+        got = np.stack([known[it.id] for it in items[:10]])
+        assert np.allclose(got, want, atol=1e-3 if storage == "float16" else 1e-6)
+        assert svc.known_vectors("no such cube", asked) == {}
+        svc.close()
+
+
 def test_unknown_digest_is_reindexed() -> None:
     """Entries loaded from a snapshot written before digests existed (0) are re-indexed."""
     cube = CubeIndex("c", dense=None)

@@ -16,8 +16,9 @@ import pytest
 
 from memosd.embed import HashingEmbedder
 from memosd.engine import Engine
+from memosd.index import IndexSettings, SearchService
 from memosd.memcube.model import CubeConfig
-from memosd.scheduler.driver import TierScheduler
+from memosd.scheduler.driver import TierScheduler, build_registry
 from memosd.scheduler.policies_builtin import SEGMENT_FORM, builtin_policies
 from memosd.scheduler.policy import PolicyRegistry
 from memosd.scheduler.runner import JobContext, JobRunner
@@ -451,3 +452,46 @@ def test_steps_carry_segments_and_demotions_forward(tiered: Tiered) -> None:
     in_archived = {tid for s in archived for tid in s.metadata["segment"]["turns"]}
     for turn_id in ids[:-2]:
         assert t.engine.get("bulk", turn_id).tier == ("long" if turn_id in in_archived else "mid")
+
+
+def test_eviction_takes_turn_vectors_from_the_search_index(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    emb = HashingEmbedder(512)  # shared by the index and the policy, as in the daemon
+    with Engine.open(tmp_path / "data", clock=clock) as engine:
+        svc = SearchService(engine, tmp_path / "data", embedder=emb, settings=IndexSettings())
+        svc.start()
+        registry = build_registry(
+            builtin_policies(embedder=emb), embedder=emb, vector_lookup=svc.known_vectors
+        )
+        runner = JobRunner(engine, registry.handlers(), clock=clock, poll_s=0.05)
+        runner.start()
+        try:
+            config = svc.cube_config(
+                tier_policy={"policies": ["plaintext"], "plaintext": {"short_capacity": 2}}
+            )
+            engine.create_cube("chat", owner="uid:0", config=config)
+            # Turn 3 is indexed with its retrieval context, not its text alone:
+            # the index holds no vector of that text, so the job embeds it.
+            ids = [
+                engine.add(
+                    "chat",
+                    f"Alice: {TOPICS[NAMES[i % 4]][1][i % 5]}",
+                    session="s",
+                    metadata={"context": "asked about plants"} if i == 3 else None,
+                ).id
+                for i in range(20)
+            ]
+            assert svc.wait_indexed(engine.applied_lsn, 10)
+            before = emb.texts_embedded
+            job = runner.run_now("tiers.evict", "chat", timeout=30)
+            assert job.state == "succeeded"
+            assert job.result is not None
+            assert job.result["evicted"] == 18
+            policy = registry.get("plaintext")
+            assert policy.vectors_reused == 17
+            assert emb.texts_embedded - before == 1
+            assert all(engine.get("chat", i).tier == "mid" for i in ids[:18])
+        finally:
+            runner.close()
+            svc.close()
