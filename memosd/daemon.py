@@ -365,6 +365,7 @@ async def serve(
                 plugins=plugins,
                 embedder=search.embedder if search is not None else None,
                 vector_lookup=search.known_vectors if search is not None else None,
+                index_wait=search.wait_caught_up if search is not None else None,
                 handlers={**kv.handlers(), **lora.handlers()},
             )
             return await _serve_engine(

@@ -77,6 +77,7 @@ def open_scheduler(
     plugins: PluginRuntime | None,
     embedder: Any = None,
     vector_lookup: Any = None,
+    index_wait: Any = None,
     handlers: Mapping[str, JobHandler] | None = None,
 ) -> SchedulerRuntime:
     """Build (not start) the daemon's scheduler from its settings and plugins."""
@@ -88,7 +89,11 @@ def open_scheduler(
         else {}
     )
     registry = build_registry(
-        policies, embedder=embedder, consolidators=consolidators, vector_lookup=vector_lookup
+        policies,
+        embedder=embedder,
+        consolidators=consolidators,
+        vector_lookup=vector_lookup,
+        index_wait=index_wait,
     )
     all_handlers: dict[str, JobHandler] = dict(plugins.job_handlers() if plugins else {})
     for kind, handler in (handlers or {}).items():

@@ -50,6 +50,7 @@ def build_registry(
     embedder: Embedder | Callable[[], Embedder] | None = None,
     consolidators: Mapping[str, Callable[..., Any]] | None = None,
     vector_lookup: Callable[..., Any] | None = None,
+    index_wait: Callable[[float], bool] | None = None,
 ) -> PolicyRegistry:
     """A registry of the policies plugins registered, wired to the daemon's resources.
 
@@ -57,7 +58,8 @@ def build_registry(
     (``PluginManager.policies()``).  Policies that accept them get the
     shared ``embedder`` (``use_embedder``: the search service's, so the model
     is loaded once), the vectors its index already holds (``use_vector_lookup``:
-    ``SearchService.known_vectors``, so a turn is not embedded twice) and the
+    ``SearchService.known_vectors`` and ``wait_caught_up``, so a turn is not
+    embedded twice) and the
     consolidator factories of the ``register_consolidators`` hooks
     (``use_consolidators``).
     """
@@ -66,7 +68,7 @@ def build_registry(
         if embedder is not None and hasattr(policy, "use_embedder"):
             policy.use_embedder(embedder)
         if vector_lookup is not None and hasattr(policy, "use_vector_lookup"):
-            policy.use_vector_lookup(vector_lookup)
+            policy.use_vector_lookup(vector_lookup, index_wait)
         if consolidators and hasattr(policy, "use_consolidators"):
             policy.use_consolidators(consolidators)
     return registry

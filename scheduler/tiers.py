@@ -85,6 +85,14 @@ SETTINGS: Final[tuple[PolicySetting, ...]] = (
         1,
     ),
     PolicySetting(
+        "index_wait_s",
+        30.0,
+        float,
+        "An eviction first waits up to this long for the search index to catch up, then "
+        "takes the turns' vectors from it instead of embedding them again (0: no wait).",
+        0.0,
+    ),
+    PolicySetting(
         "segment_threshold",
         0.6,
         float,
@@ -165,6 +173,7 @@ class TierSettings:
     short_max_items: int = 200
     evict_delay_s: float = 1.0
     evict_batch: int = 1000
+    index_wait_s: float = 30.0
     segment_threshold: float = 0.6
     mid_capacity: int = 200
     mid_max_items: int = 2000

@@ -129,6 +129,10 @@ class SearchService:
     def wait_indexed(self, lsn: int, timeout: float | None = None) -> bool:
         return self.indexer.wait_indexed(lsn, timeout)
 
+    def wait_caught_up(self, timeout: float | None = None) -> bool:
+        """Block until every write acknowledged so far is indexed; False on timeout."""
+        return self.wait_indexed(self.engine.applied_lsn, timeout)
+
     def known_vectors(
         self, cube: str, entries: Sequence[tuple[str, str]]
     ) -> dict[str, npt.NDArray[Any]]:

@@ -6,6 +6,7 @@ and contradiction of facts; forgetting; the mid-tier capacity.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import pytest
 
 from memosd.embed import HashingEmbedder
 from memosd.engine import Engine
-from memosd.index import IndexSettings, SearchService
+from memosd.index import SearchService
 from memosd.memcube.model import CubeConfig
 from memosd.scheduler.driver import TierScheduler, build_registry
 from memosd.scheduler.policies_builtin import SEGMENT_FORM, builtin_policies
@@ -454,15 +455,36 @@ def test_steps_carry_segments_and_demotions_forward(tiered: Tiered) -> None:
         assert t.engine.get("bulk", turn_id).tier == ("long" if turn_id in in_archived else "mid")
 
 
-def test_eviction_takes_turn_vectors_from_the_search_index(
+class _GatedEmbedder(HashingEmbedder):
+    """The index's embedder, held at a gate: an indexer that has not caught up."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.gate = threading.Event()
+
+    def embed(self, texts: Any) -> Any:
+        assert self.gate.wait(30)
+        return super().embed(texts)
+
+
+def test_eviction_waits_for_the_index_and_takes_its_vectors(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    emb = HashingEmbedder(512)  # shared by the index and the policy, as in the daemon
+    index_embedder = _GatedEmbedder(512)
+    job_embedder = HashingEmbedder(512)  # the same model, counted apart
+    waiting = threading.Event()
     with Engine.open(tmp_path / "data", clock=clock) as engine:
-        svc = SearchService(engine, tmp_path / "data", embedder=emb, settings=IndexSettings())
+        svc = SearchService(engine, tmp_path / "data", embedder=index_embedder)
         svc.start()
+
+        def wait(timeout: float) -> bool:
+            waiting.set()
+            return svc.wait_caught_up(timeout)
+
         registry = build_registry(
-            builtin_policies(embedder=emb), embedder=emb, vector_lookup=svc.known_vectors
+            builtin_policies(embedder=job_embedder),
+            vector_lookup=svc.known_vectors,
+            index_wait=wait,
         )
         runner = JobRunner(engine, registry.handlers(), clock=clock, poll_s=0.05)
         runner.start()
@@ -482,16 +504,18 @@ def test_eviction_takes_turn_vectors_from_the_search_index(
                 ).id
                 for i in range(20)
             ]
-            assert svc.wait_indexed(engine.applied_lsn, 10)
-            before = emb.texts_embedded
-            job = runner.run_now("tiers.evict", "chat", timeout=30)
+            job = runner.submit("tiers.evict", cube="chat")
+            assert waiting.wait(30)  # the job waits for the index ...
+            assert job_embedder.texts_embedded == 0
+            index_embedder.gate.set()  # ... which now catches up
+            job = runner.wait(job.id, timeout=30)
             assert job.state == "succeeded"
             assert job.result is not None
             assert job.result["evicted"] == 18
-            policy = registry.get("plaintext")
-            assert policy.vectors_reused == 17
-            assert emb.texts_embedded - before == 1
+            assert registry.get("plaintext").vectors_reused == 17  # type: ignore[attr-defined]
+            assert job_embedder.texts_embedded == 1
             assert all(engine.get("chat", i).tier == "mid" for i in ids[:18])
         finally:
+            index_embedder.gate.set()
             runner.close()
             svc.close()
