@@ -24,6 +24,13 @@ transitions and migrations) and the jobs run.  Search indexes use the
 hashing embedder (``--embedder minilm`` for MiniLM).
 
     .venv/bin/python bench/scheduler_bench.py --adds 300
+
+``--evict N``: CPU of one ``tiers.evict`` job over ``N`` short turns of one
+session once the search index holds them, with the policy embedding every
+evicted turn itself, and taking the index's vectors (the daemon's wiring:
+``SearchService.known_vectors``).
+
+    .venv/bin/python bench/scheduler_bench.py --evict 2000 --embedder minilm
 """
 
 from __future__ import annotations
@@ -88,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=400)
     parser.add_argument("--embedder", choices=("hashing", "minilm"), default="hashing")
     parser.add_argument("--adds", type=int, default=0, help="measure add overhead instead")
+    parser.add_argument("--evict", type=int, default=0, help="measure eviction CPU instead")
     args = parser.parse_args(argv)
     if args.adds:
         return add_overhead(args.adds, args.embedder)
+    if args.evict:
+        return evict_cpu(args.evict, args.embedder)
 
     import structlog
 
@@ -259,6 +269,60 @@ def add_overhead(n: int, embedder: str) -> int:
             print(f"{label:22}{n / took:8.0f}{extra:11d}{extra / n:10.2f}  {kinds or '-'}")
         finally:
             daemon.cleanup()
+    return 0
+
+
+def evict_cpu(n: int, embedder_name: str) -> int:
+    """One eviction job's CPU, embedding the turns itself vs taking the index's vectors."""
+    import structlog
+
+    from memosd.embed import Embedder, HashingEmbedder
+    from memosd.engine import Engine
+    from memosd.index import IndexSettings, SearchService
+    from memosd.scheduler.policies_builtin import EVICT, PlaintextTierPolicy
+    from memosd.scheduler.runner import JobRunner
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    embedder: Embedder
+    if embedder_name == "minilm":
+        from memosd.embed import MiniLMEmbedder
+
+        embedder = MiniLMEmbedder()
+    else:
+        embedder = HashingEmbedder(384)
+    print(f"one tiers.evict job over {n} turns of one session, {embedder_name} embeddings")
+    print(f"{'':30}{'wall s':>8}{'CPU s':>8}{'embedded':>10}{'reused':>8}")
+    rng = random.Random(7)
+    for label, reuse in (("embeds every turn", False), ("index's vectors", True)):
+        with tempfile.TemporaryDirectory(prefix="schedbench-") as tmp:
+            engine = Engine.open(tmp)
+            search = SearchService(
+                engine, tmp, embedder=embedder, settings=IndexSettings(snapshot_interval_s=0)
+            )
+            search.start()
+            policy = PlaintextTierPolicy(embedder)
+            if reuse:
+                policy.use_vector_lookup(search.known_vectors, search.wait_caught_up)
+            runner = JobRunner(engine, policy.handlers(), poll_s=0.05)
+            runner.start()
+            try:
+                config = search.cube_config(tier_policy={"plaintext": {"promote_heat": 1e9}})
+                engine.create_cube("bench", owner="uid:0", config=config)
+                for start in range(0, n, 500):
+                    texts = [turn_text(rng, i) for i in range(start, min(n, start + 500))]
+                    engine.atomic(lambda p, t=texts: [p.add("bench", x, session="s") for x in t])
+                assert search.wait_caught_up(600)
+                t0, c0 = time.perf_counter(), time.process_time()
+                job = runner.run_now(EVICT, "bench", timeout=600)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                assert job.state == "succeeded", job.error
+                assert job.result is not None
+                embedded = job.result["evicted"] - policy.vectors_reused
+            finally:
+                runner.close()
+                search.close()
+                engine.close()
+            print(f"{label:30}{wall:8.2f}{cpu:8.2f}{embedded:10d}{policy.vectors_reused:8d}")
     return 0
 
 
