@@ -241,21 +241,22 @@ class PlaintextTierPolicy:
             if time.monotonic() >= deadline:
                 return
 
-    def _turn_vectors(self, cube: str, turns: Sequence[ShortTurn]) -> tiers.Vector:
-        """The turns' embeddings: the search index's where it holds them, else embedded now."""
+    def _item_vectors(self, cube: str, items: Sequence[tuple[str, str]]) -> tiers.Vector:
+        """Embeddings of ``(item id, text)``: the search index's where it holds exactly
+        that text, else embedded now."""
         lookup = self._vector_lookup
-        known = {} if lookup is None or not turns else lookup(cube, [(t.id, t.text) for t in turns])
-        missing = [i for i, t in enumerate(turns) if t.id not in known]
-        fresh = self._embed([turns[i].text for i in missing])
+        known = {} if lookup is None or not items else lookup(cube, items)
+        missing = [i for i, (item_id, _) in enumerate(items) if item_id not in known]
+        fresh = self._embed([items[i][1] for i in missing])
         if not known:
             return fresh
         self.vectors_reused += len(known)
-        out = np.empty((len(turns), fresh.shape[1]), dtype=np.float32)
+        out = np.empty((len(items), fresh.shape[1]), dtype=np.float32)
         for row, i in enumerate(missing):
             out[i] = fresh[row]
-        for i, turn in enumerate(turns):
-            if turn.id in known:
-                out[i] = known[turn.id]
+        for i, (item_id, _) in enumerate(items):
+            if item_id in known:
+                out[i] = known[item_id]
         return out
 
     def _draft_vectors(self, drafts: Sequence[FactDraft]) -> tiers.Vector:
@@ -544,7 +545,7 @@ class PlaintextTierPolicy:
         """
         now = ctx.now_us()
         before = {s.key: len(s.turns) for s in segments}
-        vectors = self._turn_vectors(cube, evicted)
+        vectors = self._item_vectors(cube, [(t.id, t.text) for t in evicted])
         ctx.check_cancelled()
         assignment = tiers.assign_segments(
             [(t.id, t.text) for t in evicted],
@@ -668,7 +669,7 @@ class PlaintextTierPolicy:
             if f.metadata.get("tier_kind") == "fact"
         ]
         ctx.progress(0.05, f"embedding {len(facts)} known facts")
-        fact_vectors = self._embed([f.text for f in facts])
+        fact_vectors = self._item_vectors(cube, [(f.id, f.text) for f in facts])
         existing = [
             tiers.ExistingFact(f.id, f.text, v, tiers.extract_claim(f.text), f.version)
             for f, v in zip(facts, fact_vectors, strict=True)

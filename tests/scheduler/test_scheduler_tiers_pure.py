@@ -263,3 +263,23 @@ def test_registry() -> None:
     }
     assert policies_for_cube({}, ["plaintext"]) == ["plaintext"]
     assert policies_for_cube({"policies": []}, ["plaintext"]) == []
+
+
+def test_item_vectors_take_what_the_index_holds_and_embed_the_rest() -> None:
+    embedder = HashingEmbedder(64)
+    policy = PlaintextTierPolicy(embedder)
+    stored = embedder.embed(["indexed text"])[0]
+    asked: list[Any] = []
+
+    def lookup(cube: str, entries: Any) -> dict[str, Any]:
+        asked.append((cube, list(entries)))
+        return {"a": stored}
+
+    policy.use_vector_lookup(lookup)
+    before = embedder.texts_embedded
+    got = policy._item_vectors("c", [("b", "fresh text"), ("a", "indexed text")])
+    assert asked == [("c", [("b", "fresh text"), ("a", "indexed text")])]
+    assert embedder.texts_embedded - before == 1  # only "b"
+    assert np.allclose(got[0], embedder.embed(["fresh text"])[0])
+    assert np.allclose(got[1], stored)
+    assert policy.vectors_reused == 1
