@@ -14,7 +14,10 @@ Measured:
    (pre-encoded request), through ``memosd.client.Client.get`` (adds client
    encode/decode), and of the two echoes.
 2. Throughput with 16 client processes each pipelining ``--window`` requests:
-   ``get``, ``add`` (durable: WAL fsync, group commit; no embedding),
+   ``get``; ``add`` (durable: WAL fsync, group commit) to a cube without
+   tier policies (no embedding at all: the issue's target row), then to a
+   cube with the default plaintext policy, whose evictions embed every
+   turn (MiniLM: search indexes are off here) in the daemon meanwhile;
    ``add_many`` of 100 items per request (one in flight per client; reported
    in items/s), echo;
    for memosd also the daemon's CPU time per request (all its threads, from
@@ -203,10 +206,15 @@ def main() -> None:
     try:
         with daemon.client() as c:
             c.create_cube("bench")
+            # The same adds to a cube without tier policies: the issue's
+            # "durable, no embedding" (the default plaintext policy embeds
+            # every evicted turn, with MiniLM when search is off).
+            c.create_cube("plain", config={"tier_policy": {"policies": []}})
             item = c.add("bench", "m" * args.text_bytes, tags=["t"], metadata={"k": 1})
         endpoint = f"ipc://{daemon.socket}"
         get_req = encode_request(1, "get", {"cube": "bench", "id": item.id})
         add_req = encode_request(2, "add", {"cube": "bench", "text": "a" * args.text_bytes})
+        plain_req = encode_request(2, "add", {"cube": "plain", "text": "a" * args.text_bytes})
         many_req = encode_request(
             3,
             "add_many",
@@ -253,6 +261,8 @@ def main() -> None:
             ("bare echo, sync pyzmq", echo_sync, echo_req),
             ("bare echo, zmq.asyncio+anyio", echo_async, echo_req),
             ("memosd get", endpoint, get_req),
+            # Before the tiered row: its eviction jobs go on embedding after it.
+            ("memosd add (durable, no tiers)", endpoint, plain_req),
             ("memosd add (durable)", endpoint, add_req),
             (f"memosd add_many x{ADD_MANY_BATCH}, items", endpoint, many_req),
         ]:
