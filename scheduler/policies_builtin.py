@@ -508,6 +508,7 @@ class PlaintextTierPolicy:
         }
         for index, batch in enumerate(steps):
             ctx.check_cancelled()
+            ctx.progress(index / len(steps), f"{totals['evicted']}/{len(turns)} turns moved")
             totals = self._evict_step(
                 ctx,
                 cube,
@@ -518,7 +519,6 @@ class PlaintextTierPolicy:
                 totals=totals,
                 final=index == len(steps) - 1,
             )
-            ctx.progress((index + 1) / len(steps), f"{totals['evicted']}/{len(turns)} turns moved")
         # Exact counts as of this job's read replace on_write's estimate (which
         # skipped the turns written while this job was due; it saw them).
         self._counts[cube] = kept
