@@ -28,6 +28,7 @@ in one atomic write):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -98,6 +99,20 @@ VectorLookup = Callable[[str, Sequence[tuple[str, str]]], Mapping[str, Any]]
 
 #: Per turn id: (search hits, last hit time) - what segment heat needs of a member.
 _Usage = dict[str, tuple[int, int]]
+
+
+def _session_of(engine: Any, item: MemoryItem) -> str:
+    """The conversation ``item`` belongs to ("" for none): the session of its latest
+    version that names one.  A version written outside any session (an edit, a
+    scheduler's move) leaves the turn in its session's FIFO, as in search's
+    neighbour smoothing (memosd.index.cube)."""
+    session = item.provenance.session
+    if session is None and item.version > 1:
+        with contextlib.suppress(NotFound):  # purged meanwhile: no session
+            for version in reversed(engine.history(item.cube, item.id)):
+                if version.provenance.session is not None:
+                    return str(version.provenance.session)
+    return session or ""
 
 
 def _usage(item: MemoryItem) -> tuple[int, int]:
@@ -328,7 +343,7 @@ class PlaintextTierPolicy:
         if counts is None:
             counts = {}
             for turn in _scan(ctx.engine, cube, tier=Tier.SHORT, form="plaintext"):
-                key = turn.provenance.session or ""
+                key = _session_of(ctx.engine, turn)
                 counts[key] = counts.get(key, 0) + 1
             self._counts[cube] = counts
         else:
@@ -365,7 +380,7 @@ class PlaintextTierPolicy:
         if self._due(cube, "tiers", now_us, s.consolidate_interval_s):
             counts: dict[str, int] = {}
             for turn in _scan(ctx.engine, cube, tier=Tier.SHORT, form="plaintext"):
-                key = turn.provenance.session or ""
+                key = _session_of(ctx.engine, turn)
                 counts[key] = counts.get(key, 0) + 1
             if tiers.evictions_due(counts, s.short_capacity, s.short_max_items):
                 out.append(self._request(EVICT, cube))
@@ -482,7 +497,10 @@ class PlaintextTierPolicy:
         """
         engine, cube = ctx.engine, _cube_of(ctx)
         settings = self.cube_settings(engine, cube)
-        short = [ShortTurn.of(t) for t in _scan(engine, cube, tier=Tier.SHORT, form="plaintext")]
+        short = [
+            ShortTurn.of(t, _session_of(engine, t))
+            for t in _scan(engine, cube, tier=Tier.SHORT, form="plaintext")
+        ]
         turns = tiers.fifo_evictions(short, settings.short_capacity, settings.short_max_items)
         gone = {t.id for t in turns}
         kept: dict[str, int] = {}

@@ -218,12 +218,13 @@ class ShortTurn(NamedTuple):
     last_hit_us: int
 
     @classmethod
-    def of(cls, item: MemoryItem) -> ShortTurn:
+    def of(cls, item: MemoryItem, session: str | None = None) -> ShortTurn:
+        """``item`` as a short turn; ``session`` overrides its own (provenance) one."""
         return cls(
             item.id,
             item.version,
             item.text,
-            item.provenance.session or "",
+            (item.provenance.session or "") if session is None else session,
             item.created_us,
             item.usage.hits,
             item.usage.last_hit_us or 0,

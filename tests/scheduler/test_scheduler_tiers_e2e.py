@@ -519,3 +519,22 @@ def test_eviction_waits_for_the_index_and_takes_its_vectors(
             index_embedder.gate.set()
             runner.close()
             svc.close()
+
+
+def test_an_edit_outside_the_session_keeps_the_turn_in_its_fifo(tiered: Tiered) -> None:
+    t = tiered
+    make_cube(t, "edit", short_capacity=2, promote_heat=1000.0)
+    first = t.engine.add("edit", "Alice: I planted tomatoes near the fence.", session="s")
+    second = t.engine.add("edit", "Alice: The roses need water every morning.", session="s")
+    t.settle()
+    edited = t.engine.update("edit", first.id, metadata={"note": "checked"})  # no session
+    assert edited.provenance.session is None
+    third = t.engine.add("edit", "Alice: Slugs keep eating my lettuce leaves.", session="s")
+    t.settle()
+    # The edited turn is still the oldest of session "s": it is the one evicted.
+    assert [t.engine.get("edit", i.id).tier for i in (first, second, third)] == [
+        "mid",
+        "short",
+        "short",
+    ]
+    assert t.scheduler.report("edit")["plaintext"]["short"]["items"]["active"] == 2
