@@ -30,7 +30,8 @@ only moves them through their states and calls handlers.
 * **Failure**: an exception from a handler becomes :func:`jobs.fail` with
   the error's wire form (a :class:`MemosError`'s ``to_wire()``, else code
   ``internal`` with the exception type and message, logged with its
-  traceback).  ``BadRequest``/``NotFound``/``Forbidden`` are permanent;
+  traceback).  ``BadRequest``/``NotFound``/``Forbidden``/``TooLarge`` (a
+  write over a limit is as big on the next attempt) are permanent;
   every other error retries with exponential backoff until
   ``max_attempts``, then the job stays ``failed`` with its error.
 * **Cancel**: :meth:`JobRunner.cancel` cancels a queued job at once and
@@ -71,7 +72,15 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import structlog
 
-from memosd.errors import BadRequest, Conflict, Forbidden, MemosError, NotFound, Unavailable
+from memosd.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    MemosError,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
 from memosd.scheduler import jobs
 
 if TYPE_CHECKING:
@@ -90,7 +99,7 @@ _log = structlog.get_logger("memosd.scheduler")
 
 T = TypeVar("T")
 _ALL: Final = 1_000_000_000
-_PERMANENT: Final = (BadRequest, NotFound, Forbidden)
+_PERMANENT: Final = (BadRequest, NotFound, Forbidden, TooLarge)
 _SWEEP_BATCH: Final = 500  # job deletions per atomic write
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from memosd.engine import Engine
-from memosd.errors import BadRequest, Conflict
+from memosd.errors import BadRequest, Conflict, TooLarge
 from memosd.scheduler import jobs
 from memosd.scheduler.runner import JobContext, JobEvent, JobRunner
 from memosd.store.planner import Planner
@@ -173,6 +173,23 @@ def test_bad_request_is_permanent(
     runner.start()
     job = runner.run_now("test.refuse", "c", timeout=10)
     assert (job.state, job.attempts, job.error["code"]) == ("failed", 1, "bad_request")  # type: ignore[index]
+
+
+def test_an_oversized_write_is_permanent(
+    engine: Engine, clock: FakeClock, started: list[JobRunner]
+) -> None:
+    """A write over the WAL's record limit would be as big on every attempt."""
+
+    def huge(ctx: JobContext) -> dict[str, Any] | None:
+        raise TooLarge("WAL payload of 78735777 bytes exceeds 67108864")
+
+    runner = make_runner(engine, clock, {"test.huge": huge})
+    started.append(runner)
+    runner.start()
+    job = runner.submit("test.huge", cube="c", max_attempts=3)
+    runner.drain()
+    job = engine.get_job(job.id)
+    assert (job.state, job.attempts, job.error["code"]) == ("failed", 1, "too_large")  # type: ignore[index]
 
 
 def test_cancel_queued_job_never_runs(
