@@ -1,11 +1,16 @@
 """Child process of the scheduler crash test.
 
-Usage: python crash_tier_child.py DATA_DIR block|finish [JOB_ID]
+Usage: python crash_tier_child.py DATA_DIR block|steps|finish [JOB_ID]
 
 ``block``: create a cube, add 20 turns, run the eviction job (which queues a
 consolidation in its commit), then let the consolidation job compute its
 facts and stop right before its atomic commit, printing
 ``blocking <job id>`` (flushed): the parent SIGKILLs us there.
+
+``steps``: create a cube (``short_capacity`` 2, ``evict_batch`` 5, no
+consolidation), add 40 turns, run the eviction job and stop it after its
+third committed step, printing ``stepped <job id>``: the parent SIGKILLs us
+there, between two durable steps.
 
 ``finish``: reopen (crash recovery), start the runner (which requeues the
 interrupted job), wait for JOB_ID to end, print one JSON line with the
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from typing import Any
 
 import structlog
 
@@ -76,6 +82,27 @@ def main() -> None:
         evict = runner.run_now("tiers.evict", "crash", timeout=60)
         say(f"evicted {json.dumps(evict.result)}")
         threading.Event().wait()  # the consolidation job blocks; the parent kills us
+    if mode == "steps":
+        tier_policy = {"plaintext": {"short_capacity": 2, "evict_batch": 5, "promote_heat": 1e9}}
+        engine.create_cube("crash", owner="uid:0", config=CubeConfig(tier_policy=tier_policy))
+        for i in range(40):
+            item = engine.add("crash", turn_text(i), session="s")
+            say(f"turn {item.id}")
+        real_step = JobContext.commit_step
+        steps: list[int] = []
+
+        def step_then_block(ctx: JobContext, fn: Any) -> Any:
+            out = real_step(ctx, fn)
+            steps.append(1)
+            if len(steps) == 3:
+                say(f"stepped {ctx.job.id}")
+                threading.Event().wait()
+            return out
+
+        JobContext.commit_step = step_then_block  # type: ignore[method-assign]
+        runner.start()
+        runner.submit("tiers.evict", cube="crash")
+        threading.Event().wait()  # the parent kills us after the third step
     job_id = sys.argv[3]
     runner.start()
     job = runner.wait(job_id, timeout=60)

@@ -81,3 +81,55 @@ def test_kill_during_consolidation_then_restart_completes_once(tmp_path: Path) -
         for fact in facts:
             assert fact.provenance.parents
             assert {p for p, _ in fact.provenance.parents} <= set(turns)
+
+
+def test_kill_between_eviction_steps_then_restart_moves_each_turn_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), str(data), "steps"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    turns: list[str] = []
+    job_id = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # no sleeps: wait for the child to say where it is
+            word, _, rest = line.strip().partition(" ")
+            if word == "turn":
+                turns.append(rest)
+            elif word == "stepped":
+                job_id = rest
+                break
+        assert job_id is not None, "child exited before its third eviction step"
+        proc.send_signal(signal.SIGKILL)  # between two committed steps
+    finally:
+        proc.kill()
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(turns) == 40
+
+    # Crash image: three steps (15 turns, the oldest) are durable, the job is running.
+    with Engine.open(data) as engine:
+        tiers = [engine.get("crash", t).tier for t in turns]
+        assert tiers == ["mid"] * 15 + ["short"] * 25
+    finish = subprocess.run(
+        [sys.executable, str(CHILD), str(data), "finish", job_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    outcome = json.loads(finish.stdout.strip().splitlines()[-1])
+    assert outcome["state"] == "succeeded"
+    assert outcome["attempts"] == 2
+    assert outcome["result"]["evicted"] == 23  # only what the first attempt left
+    with Engine.open(data) as engine:
+        assert [engine.get("crash", t).tier for t in turns] == ["mid"] * 38 + ["short"] * 2
+        members: Counter[str] = Counter()
+        for segment in engine.list_items("crash", form="tier-segment", limit=1000):
+            members.update(segment.metadata["segment"]["turns"])
+        assert {t: members[t] for t in turns[:38]} == dict.fromkeys(turns[:38], 1)
