@@ -27,7 +27,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -895,6 +895,33 @@ class Engine:
             return out
 
         return self._read(read)
+
+    def iter_items(
+        self,
+        cube: str,
+        *,
+        status: str | None = "active",
+        tier: str | None = None,
+        form: str | None = None,
+        page: int = 1000,
+    ) -> Iterator[MemoryItem]:
+        """Every item :meth:`list_items` would list, in id order, ``page`` per read.
+
+        For passes over what may be a whole cube: each page is one short read
+        transaction, and only the caller's summary stays alive, not a list of
+        every item (100k items are millions of objects for the cyclic GC).
+        """
+        if page < 1:
+            raise BadRequest("page must be >= 1")
+        after: str | None = None
+        while True:
+            items = self.list_items(
+                cube, status=status, tier=tier, form=form, limit=page, after=after
+            )
+            yield from items
+            if len(items) < page:
+                return
+            after = items[-1].id
 
     def count_items(self, cube: str) -> dict[str, int]:
         def read(view: StoreView) -> dict[str, int]:

@@ -1050,15 +1050,8 @@ async def _list_items(svc: Service, call: Call) -> Any:
 
 
 def _scan_active(engine: Any, cube: str, tier: str | None, form: str | None) -> Iterable[Any]:
-    after: str | None = None
-    while True:
-        page = engine.list_items(
-            cube, status="active", tier=tier, form=form, limit=_SCAN_PAGE, after=after
-        )
-        yield from page
-        if len(page) < _SCAN_PAGE:
-            return
-        after = page[-1].id
+    items: Iterable[Any] = engine.iter_items(cube, tier=tier, form=form, page=_SCAN_PAGE)
+    return items
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -74,24 +74,7 @@ SEGMENT_FORM: Final = "tier-segment"
 EVICT: Final = "tiers.evict"
 CONSOLIDATE: Final = "tiers.consolidate"
 FORGET: Final = "tiers.forget"
-_SCAN_PAGE: Final = 1000
 _HEAT_BINS: Final = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
-
-
-def _scan(engine: Any, cube: str, **filters: Any) -> Iterator[MemoryItem]:
-    """The cube's items (``list_items`` filters) in id order, a page per read transaction.
-
-    For passes over a tier that may be big (a bulk load's short tier, the
-    long tier): only the caller's summary stays alive, not every item - a
-    100k-item list is millions of objects for the cyclic GC to traverse.
-    """
-    after: str | None = None
-    while True:
-        page: list[MemoryItem] = engine.list_items(cube, limit=_SCAN_PAGE, after=after, **filters)
-        yield from page
-        if len(page) < _SCAN_PAGE:
-            return
-        after = page[-1].id
 
 
 #: (cube, [(item id, text)]) -> the vectors an index holds for exactly those texts, by id.
@@ -342,7 +325,7 @@ class PlaintextTierPolicy:
         counts = self._counts.get(cube)
         if counts is None:
             counts = {}
-            for turn in _scan(ctx.engine, cube, tier=Tier.SHORT, form="plaintext"):
+            for turn in ctx.engine.iter_items(cube, tier=Tier.SHORT, form="plaintext"):
                 key = _session_of(ctx.engine, turn)
                 counts[key] = counts.get(key, 0) + 1
             self._counts[cube] = counts
@@ -379,7 +362,7 @@ class PlaintextTierPolicy:
         out = []
         if self._due(cube, "tiers", now_us, s.consolidate_interval_s):
             counts: dict[str, int] = {}
-            for turn in _scan(ctx.engine, cube, tier=Tier.SHORT, form="plaintext"):
+            for turn in ctx.engine.iter_items(cube, tier=Tier.SHORT, form="plaintext"):
                 key = _session_of(ctx.engine, turn)
                 counts[key] = counts.get(key, 0) + 1
             if tiers.evictions_due(counts, s.short_capacity, s.short_max_items):
@@ -414,7 +397,7 @@ class PlaintextTierPolicy:
 
     def _segments(self, engine: Any, cube: str) -> dict[str, tuple[MemoryItem, SegmentState]]:
         out = {}
-        for item in _scan(engine, cube, tier=Tier.MID, form=SEGMENT_FORM):
+        for item in engine.iter_items(cube, tier=Tier.MID, form=SEGMENT_FORM):
             out[item.id] = (
                 item,
                 SegmentState.from_metadata(item.id, item.metadata["segment"], item.version),
@@ -461,7 +444,7 @@ class PlaintextTierPolicy:
     @staticmethod
     def _mid_usage(engine: Any, cube: str) -> _Usage:
         """Usage of the active mid-tier turns, by id."""
-        return {t.id: _usage(t) for t in _scan(engine, cube, tier=Tier.MID, form="plaintext")}
+        return {t.id: _usage(t) for t in engine.iter_items(cube, tier=Tier.MID, form="plaintext")}
 
     def _forgettable(
         self, engine: Any, cube: str, now_us: int, settings: TierSettings
@@ -470,7 +453,7 @@ class PlaintextTierPolicy:
         expire: list[tuple[MemoryItem, int]] = []
         cold: list[MemoryItem] = []
         cold_us = int(settings.long_cold_days * tiers.US_PER_DAY)
-        for item in _scan(engine, cube, status=Status.ACTIVE):
+        for item in engine.iter_items(cube, status=Status.ACTIVE):
             expires = item.expires_at_us
             if expires is not None and now_us >= expires:
                 expire.append((item, expires))
@@ -499,7 +482,7 @@ class PlaintextTierPolicy:
         settings = self.cube_settings(engine, cube)
         short = [
             ShortTurn.of(t, _session_of(engine, t))
-            for t in _scan(engine, cube, tier=Tier.SHORT, form="plaintext")
+            for t in engine.iter_items(cube, tier=Tier.SHORT, form="plaintext")
         ]
         turns = tiers.fifo_evictions(short, settings.short_capacity, settings.short_max_items)
         gone = {t.id for t in turns}
@@ -683,7 +666,7 @@ class PlaintextTierPolicy:
             return {"segments": [], "added": 0, "reinforced": [], "superseded": []}
         facts = [
             f
-            for f in _scan(engine, cube, tier=Tier.LONG, form="plaintext")
+            for f in engine.iter_items(cube, tier=Tier.LONG, form="plaintext")
             if f.metadata.get("tier_kind") == "fact"
         ]
         ctx.progress(0.05, f"embedding {len(facts)} known facts")
@@ -838,7 +821,7 @@ class PlaintextTierPolicy:
         segments = 0
         facts = 0
         members: _Usage = {}
-        for item in _scan(engine, cube, status=None):
+        for item in engine.iter_items(cube, status=None):
             if item.tier == Tier.MID and item.status == Status.ACTIVE:
                 members[item.id] = _usage(item)
             facts += (

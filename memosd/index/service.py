@@ -698,28 +698,20 @@ class SearchService:
     def _scan_versions(self, cube: str, filters: SearchFilters) -> list[MemoryItem]:
         """Each item's version at ``as_of_us`` (or latest) in ``cube`` that passes the filters."""
         out: list[MemoryItem] = []
-        after: str | None = None
-        scanned = 0
-        while True:
-            page = self.engine.list_items(cube, status=None, limit=_SCAN_PAGE, after=after)
-            for latest in page:
-                scanned += 1
-                if scanned > self.settings.history_scan_limit:
-                    raise TooLarge(
-                        f"cube {cube!r} has more than history_scan_limit="
-                        f"{self.settings.history_scan_limit} items for an as_of/status search",
-                        reason="history_scan_limit",
-                    )
-                version: MemoryItem | None = latest
-                if filters.as_of_us is not None:
-                    version = versioning.as_of(
-                        self.engine.history(cube, latest.id), filters.as_of_us
-                    )
-                if version is not None and matches(version, filters):
-                    out.append(version)
-            if len(page) < _SCAN_PAGE:
-                return out
-            after = page[-1].id
+        items = self.engine.iter_items(cube, status=None, page=_SCAN_PAGE)
+        for scanned, latest in enumerate(items, 1):
+            if scanned > self.settings.history_scan_limit:
+                raise TooLarge(
+                    f"cube {cube!r} has more than history_scan_limit="
+                    f"{self.settings.history_scan_limit} items for an as_of/status search",
+                    reason="history_scan_limit",
+                )
+            version: MemoryItem | None = latest
+            if filters.as_of_us is not None:
+                version = versioning.as_of(self.engine.history(cube, latest.id), filters.as_of_us)
+            if version is not None and matches(version, filters):
+                out.append(version)
+        return out
 
     def _record_hits(self, hits: list[SearchHit]) -> None:
         by_cube: dict[str, list[str]] = {}

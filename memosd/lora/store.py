@@ -310,16 +310,8 @@ class LoraStore:
         return live[0]
 
     def _adapter_items(self, cube: str) -> list[MemoryItem]:
-        out: list[MemoryItem] = []
-        after: str | None = None
-        while True:
-            page = self.engine.list_items(
-                cube, status=None, form="parameter", limit=_PAGE, after=after
-            )
-            out.extend(it for it in page if _is_adapter_item(it))
-            if len(page) < _PAGE:
-                return out
-            after = page[-1].id
+        items = self.engine.iter_items(cube, status=None, form="parameter", page=_PAGE)
+        return [it for it in items if _is_adapter_item(it)]
 
     def _purged_ids(self, cube: str) -> set[str]:
         return {record.id for record in self.engine.purges(cube)}
@@ -469,16 +461,7 @@ class LoraStore:
         """Current versions of the given items, or every active plaintext item of ``tier``."""
         if item_ids is not None:
             return [self.engine.get(cube, item_id) for item_id in item_ids]
-        out: list[MemoryItem] = []
-        after: str | None = None
-        while True:
-            page = self.engine.list_items(
-                cube, status="active", tier=tier, form="plaintext", limit=_PAGE, after=after
-            )
-            out.extend(page)
-            if len(page) < _PAGE:
-                return out
-            after = page[-1].id
+        return list(self.engine.iter_items(cube, tier=tier, form="plaintext", page=_PAGE))
 
     def train(
         self,

@@ -160,6 +160,11 @@ def test_filtered_listing_matches_filtering_every_item(engine: Engine) -> None:
     rest = engine.list_items("notes", tier="long", limit=1000, after=first[-1].id)
     assert first + rest == longs
     assert engine.list_items("notes", tier="long", limit=0) == []
+    # Streamed a few at a time, the same items.
+    assert list(engine.iter_items("notes", tier="long", page=4)) == longs
+    assert list(engine.iter_items("notes", status=None, page=7)) == everything
+    with pytest.raises(BadRequest):
+        next(engine.iter_items("notes", page=0))
     assert next(i for i in longs if i.id == made[8].id).usage.hits == 1  # usage merged in
 
 
