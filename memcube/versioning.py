@@ -63,6 +63,7 @@ __all__ = [
     "archive",
     "as_of",
     "build_new_item",
+    "conversation",
     "diff",
     "latest",
     "new_item",
@@ -438,6 +439,21 @@ def latest(history: Sequence[MemoryItem]) -> MemoryItem:
         if item.version > best.version:
             best = item
     return best
+
+
+def conversation(history: Sequence[MemoryItem]) -> str | None:
+    """The session of the highest version in ``history`` that names one, or None.
+
+    Provenance is per version: an edit or a scheduler's tier move written
+    outside any session has none, yet the item still belongs to the
+    conversation it was written in (search's neighbour smoothing and the tier
+    FIFO both place it there).
+    """
+    best: MemoryItem | None = None
+    for item in history:
+        if item.provenance.session is not None and (best is None or item.version > best.version):
+            best = item
+    return None if best is None else best.provenance.session
 
 
 def as_of(history: Sequence[MemoryItem], at_us: int) -> MemoryItem | None:

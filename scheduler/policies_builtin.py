@@ -39,6 +39,7 @@ import numpy as np
 
 from memosd.embed import Embedder
 from memosd.errors import Conflict, NotFound
+from memosd.memcube import versioning
 from memosd.memcube.model import MemoryItem, Operation, Status, Tier
 from memosd.scheduler import tiers
 from memosd.scheduler.consolidate import (
@@ -92,9 +93,7 @@ def _session_of(engine: Any, item: MemoryItem) -> str:
     session = item.provenance.session
     if session is None and item.version > 1:
         with contextlib.suppress(NotFound):  # purged meanwhile: no session
-            for version in reversed(engine.history(item.cube, item.id)):
-                if version.provenance.session is not None:
-                    return str(version.provenance.session)
+            session = versioning.conversation(engine.history(item.cube, item.id))
     return session or ""
 
 

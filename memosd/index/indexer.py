@@ -55,6 +55,7 @@ from memosd.index.cube import CubeIndex, FormText, embedding_mismatch, indexed_t
 from memosd.index.dense import DenseIndex
 from memosd.index.settings import IndexSettings
 from memosd.index.snapshot import LoadedSnapshot, load_snapshot, write_snapshot
+from memosd.memcube import versioning
 from memosd.memcube.model import MemoryItem
 
 __all__ = ["CONSUMER_NAME", "Indexer"]
@@ -434,13 +435,9 @@ class Indexer:
         if session is not None or item.version == 1 or cube.version_of(item.id) is not None:
             return session
         try:
-            history: list[MemoryItem] = self.engine.history(cube.name, item.id)
+            return versioning.conversation(self.engine.history(cube.name, item.id))
         except NotFound:
             return None
-        for version in reversed(history):
-            if version.provenance.session is not None:
-                return version.provenance.session
-        return None
 
     def _text(self, item: MemoryItem) -> str | None:
         return indexed_text(item, self.settings.context_key, self.form_text)

@@ -16,6 +16,7 @@ from memosd.memcube import (
     Status,
     archive,
     as_of,
+    conversation,
     diff,
     latest,
     new_id,
@@ -253,6 +254,18 @@ def test_as_of_boundaries() -> None:
     assert as_of(history, T0 + 20) is v4
     assert as_of(history, T0 + 10**9) is v4
     assert as_of([], T0) is None
+
+
+def test_conversation_is_the_latest_session_named() -> None:
+    v1 = first(session="s1")
+    v2 = revise(v1, now_us=T0 + 1, actor="scheduler", tier="mid")  # outside any session
+    assert v2.provenance.session is None
+    assert conversation([v2, v1]) == "s1"
+    v3 = revise(v2, now_us=T0 + 2, actor="bob", text="moved", session="s2")
+    v4 = revise(v3, now_us=T0 + 3, actor=None, tags=["x"])
+    assert conversation([v4, v1, v3, v2]) == "s2"  # any order: the highest version decides
+    assert conversation([first()]) is None
+    assert conversation([]) is None
 
 
 def test_diff() -> None:
