@@ -204,34 +204,23 @@ class StoreView:
         """
         prefix = keys.cube_prefix(cube)
         start = keys.item_key(cube, after) + b"\x00" if after else prefix
-        if status is None and tier is None and form is None:
-            for key, value in self._scan("latest", prefix, start=start):
-                _, item_id = keys.split_item_key(key)
-                item = self.version(cube, item_id, keys.unpack_u32(value))
-                if item is not None:
-                    yield item
-            return
-        caches = self._caches
+        wanted = (status, tier, form)
+        filtered = wanted != (None, None, None)
         for key, value in self._scan("latest", prefix, start=start):
-            vkey = (
-                key + keys.SEP + value
-            )  # keys.version_key: the latest value is the packed version
+            vkey = key + keys.SEP + value  # = keys.version_key: "latest" holds the version
             raw = self._get("versions", vkey)
             if raw is None:
                 continue
-            entry = None if caches is None else caches.items.get(vkey)
-            if entry is not None and entry.record == raw:
-                base = entry.base
-                found = (base.status, base.tier, base.form)
-            else:
-                found = codec.decode_item_class(raw)
-            if (
-                (status is not None and found[0] != status)
-                or (tier is not None and found[1] != tier)
-                or (form is not None and found[2] != form)
-            ):
+            if filtered and not _has_class(self._class_of(vkey, raw), wanted):
                 continue
             yield self._decode_version(vkey, raw, self._get("usage", key))
+
+    def _class_of(self, vkey: bytes, raw: bytes) -> tuple[str, str, str]:
+        """(status, tier, form) of version record ``raw``: cached decode, else its fields."""
+        entry = None if self._caches is None else self._caches.items.get(vkey)
+        if entry is not None and entry.record == raw:
+            return entry.base.status, entry.base.tier, entry.base.form
+        return codec.decode_item_class(raw)
 
     def purge_record(self, cube: str, item_id: str) -> PurgeRecord | None:
         raw = self._get("purges", keys.item_key(cube, item_id))
@@ -516,6 +505,11 @@ class StoreView:
             while bytes(cur.key()).startswith(prefix):
                 if not cur.delete():
                     break
+
+
+def _has_class(found: tuple[str, str, str], wanted: tuple[str | None, ...]) -> bool:
+    """Whether ``found`` (status, tier, form) matches ``wanted`` (None: any)."""
+    return all(w is None or w == f for f, w in zip(found, wanted, strict=True))
 
 
 def _decode_usage(raw: bytes) -> Usage:
