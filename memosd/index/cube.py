@@ -21,7 +21,7 @@ import hashlib
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +64,11 @@ def text_digest(text: str) -> int:
     """A 64-bit digest of an indexed text, never 0 (0 stands for "not known")."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") or 1
+
+
+def _indexed_with(entry: tuple[int, int, int] | None, text: str) -> TypeGuard[tuple[int, int, int]]:
+    """Whether a ``by_item`` entry was indexed from exactly ``text`` (digest 0: unknown)."""
+    return entry is not None and entry[2] != 0 and entry[2] == text_digest(text)
 
 
 def embedding_mismatch(
@@ -138,7 +143,7 @@ class CubeIndex:
         """
         with self.lock:
             old = self.by_item.get(item_id)
-            if old is None or not old[2] or old[2] != text_digest(text):
+            if not _indexed_with(old, text):
                 return False
             self.by_item[item_id] = (old[0], version, old[2])
             if session is not None:
@@ -161,19 +166,13 @@ class CubeIndex:
         with self.lock:
             for item_id, text in entries:
                 entry = self.by_item.get(item_id)
-                if entry is not None and entry[2] and entry[2] == text_digest(text):
+                if _indexed_with(entry, text):
                     found.append((item_id, entry[0]))
         if not found:
             return {}
-        try:
-            vectors = dense.vectors([label for _, label in found])
-        except KeyError:  # changed since (the worker removed one): look them up one by one
-            out = {}
-            for item_id, label in found:
-                with contextlib.suppress(KeyError):
-                    out[item_id] = dense.vectors([label])[0]
-            return out
-        return {item_id: vectors[row] for row, (item_id, _) in enumerate(found)}
+        # A label the worker removed since is simply not returned.
+        stored = dense.vectors([label for _, label in found])
+        return {item_id: stored[label] for item_id, label in found if label in stored}
 
     def upsert_many(
         self,

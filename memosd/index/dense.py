@@ -311,17 +311,15 @@ class DenseIndex:
         builder.join(timeout)
         return not builder.is_alive()
 
-    def vectors(self, labels: Sequence[int]) -> npt.NDArray[np.float32]:
-        """The stored vectors of live ``labels`` (row-aligned; float16 storage: decoded)."""
-        if not labels:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        ids = np.asarray(labels, dtype=np.int64)
+    def vectors(self, labels: Sequence[int]) -> dict[int, npt.NDArray[np.float32]]:
+        """The stored vectors of those ``labels`` that are live (float16 storage: decoded)."""
         with self._lock:
-            missing = [label for label in labels if label not in self._live]
-            if missing:
-                raise KeyError(f"labels not in the index: {missing[:5]}")
-            out = self._index.reconstruct_batch(ids)
-        return np.ascontiguousarray(out, dtype=np.float32)
+            live = [label for label in labels if label in self._live]
+            if not live:
+                return {}
+            out = self._index.reconstruct_batch(np.asarray(live, dtype=np.int64))
+        rows = np.ascontiguousarray(out, dtype=np.float32)
+        return dict(zip(live, rows, strict=True))
 
     # --- search -------------------------------------------------------------------------
 

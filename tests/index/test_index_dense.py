@@ -49,6 +49,11 @@ def test_flat_to_hnsw_switch_keeps_recall(storage: str) -> None:
     assert index.wait_build(timeout=60)
     assert index.kind == "hnsw"
     assert len(index) == n - 300
+    # Stored vectors of live labels, read back from the graph; removed ones are left out.
+    got = index.vectors([5000, 17, 4000])
+    assert sorted(got) == [4000, 5000]
+    assert np.allclose(got[5000], x[5000], atol=_tol(storage))
+    assert index.vectors([1, 2]) == {}
     live = np.arange(300, n)
     queries = _clustered(100, dim, seed=1)
     recall = []
