@@ -89,6 +89,20 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
+def _in_process_embedder(name: str) -> Any:
+    """The embedder of the in-process modes (logs to stderr): MiniLM or hashing."""
+    import structlog
+
+    from memosd.embed import HashingEmbedder
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    if name == "minilm":
+        from memosd.embed import MiniLMEmbedder
+
+        return MiniLMEmbedder()
+    return HashingEmbedder(384)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=3000)
@@ -102,23 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.evict:
         return evict_cpu(args.evict, args.embedder)
 
-    import structlog
-
-    from memosd.embed import Embedder, HashingEmbedder
     from memosd.engine import Engine
     from memosd.index import IndexSettings, SearchService
     from memosd.memcube.model import CubeConfig
     from memosd.scheduler.policies_builtin import CONSOLIDATE, EVICT, PlaintextTierPolicy
     from memosd.scheduler.runner import JobRunner
 
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    embedder: Embedder
-    if args.embedder == "minilm":
-        from memosd.embed import MiniLMEmbedder
-
-        embedder = MiniLMEmbedder()
-    else:
-        embedder = HashingEmbedder(384)
+    embedder = _in_process_embedder(args.embedder)
     rng = random.Random(7)
     with tempfile.TemporaryDirectory(prefix="schedbench-") as tmp:
         engine = Engine.open(tmp)
@@ -274,22 +278,12 @@ def add_overhead(n: int, embedder: str) -> int:
 
 def evict_cpu(n: int, embedder_name: str) -> int:
     """One eviction job's CPU, embedding the turns itself vs taking the index's vectors."""
-    import structlog
-
-    from memosd.embed import Embedder, HashingEmbedder
     from memosd.engine import Engine
     from memosd.index import IndexSettings, SearchService
     from memosd.scheduler.policies_builtin import EVICT, PlaintextTierPolicy
     from memosd.scheduler.runner import JobRunner
 
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    embedder: Embedder
-    if embedder_name == "minilm":
-        from memosd.embed import MiniLMEmbedder
-
-        embedder = MiniLMEmbedder()
-    else:
-        embedder = HashingEmbedder(384)
+    embedder = _in_process_embedder(embedder_name)
     print(f"one tiers.evict job over {n} turns of one session, {embedder_name} embeddings")
     print(f"{'':30}{'wall s':>8}{'CPU s':>8}{'embedded':>10}{'reused':>8}")
     rng = random.Random(7)
