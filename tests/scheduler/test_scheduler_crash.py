@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from memosd.engine import Engine
 from memosd.scheduler.tiers import informative_sentences
@@ -15,10 +16,14 @@ from memosd.scheduler.tiers import informative_sentences
 CHILD = Path(__file__).with_name("crash_tier_child.py")
 
 
-def test_kill_during_consolidation_then_restart_completes_once(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+def _kill_child_at(data: Path, mode: str, marker: str) -> tuple[list[str], str]:
+    """Run the child in ``mode``; SIGKILL it once it prints ``marker <job id>``.
+
+    Returns the turn ids it reported and that job id.  No sleeps: the child
+    says where it is.
+    """
     proc = subprocess.Popen(
-        [sys.executable, str(CHILD), str(data), "block"],
+        [sys.executable, str(CHILD), str(data), mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -27,24 +32,26 @@ def test_kill_during_consolidation_then_restart_completes_once(tmp_path: Path) -
     job_id = None
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:  # no sleeps: wait for the child to say where it is
+        for line in proc.stdout:
             word, _, rest = line.strip().partition(" ")
             if word == "turn":
                 turns.append(rest)
-            elif word == "blocking":
+            elif word == marker:
                 job_id = rest
                 break
-        assert job_id is not None, "child exited before the consolidation blocked"
-        proc.send_signal(signal.SIGKILL)  # inside the job, before its atomic commit
+        assert job_id is not None, f"child exited before printing {marker!r}"
+        proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait(30)
         if proc.stdout is not None:
             proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    assert len(turns) == 20
+    return turns, job_id
 
-    # Crash image: the job is "running", none of its effects exist.
+
+def _finish(data: Path, job_id: str) -> dict[str, Any]:
+    """Restart on the crash image in a child that waits for ``job_id``; its outcome."""
     finish = subprocess.run(
         [sys.executable, str(CHILD), str(data), "finish", job_id],
         capture_output=True,
@@ -52,7 +59,18 @@ def test_kill_during_consolidation_then_restart_completes_once(tmp_path: Path) -
         timeout=120,
         check=True,
     )
-    outcome = json.loads(finish.stdout.strip().splitlines()[-1])
+    outcome: dict[str, Any] = json.loads(finish.stdout.strip().splitlines()[-1])
+    return outcome
+
+
+def test_kill_during_consolidation_then_restart_completes_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    # Killed inside the consolidation job, before its atomic commit.
+    turns, job_id = _kill_child_at(data, "block", "blocking")
+    assert len(turns) == 20
+
+    # Crash image: the job is "running", none of its effects exist.
+    outcome = _finish(data, job_id)
     assert outcome["state"] == "succeeded"
     assert outcome["attempts"] == 2
     assert outcome["history"] == ["queued", "running", "queued", "running", "succeeded"]
@@ -85,45 +103,15 @@ def test_kill_during_consolidation_then_restart_completes_once(tmp_path: Path) -
 
 def test_kill_between_eviction_steps_then_restart_moves_each_turn_once(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    proc = subprocess.Popen(
-        [sys.executable, str(CHILD), str(data), "steps"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    turns: list[str] = []
-    job_id = None
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # no sleeps: wait for the child to say where it is
-            word, _, rest = line.strip().partition(" ")
-            if word == "turn":
-                turns.append(rest)
-            elif word == "stepped":
-                job_id = rest
-                break
-        assert job_id is not None, "child exited before its third eviction step"
-        proc.send_signal(signal.SIGKILL)  # between two committed steps
-    finally:
-        proc.kill()
-        proc.wait(30)
-        if proc.stdout is not None:
-            proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    # Killed right after the third committed step, between two durable steps.
+    turns, job_id = _kill_child_at(data, "steps", "stepped")
     assert len(turns) == 40
 
     # Crash image: three steps (15 turns, the oldest) are durable, the job is running.
     with Engine.open(data) as engine:
         tiers = [engine.get("crash", t).tier for t in turns]
         assert tiers == ["mid"] * 15 + ["short"] * 25
-    finish = subprocess.run(
-        [sys.executable, str(CHILD), str(data), "finish", job_id],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    outcome = json.loads(finish.stdout.strip().splitlines()[-1])
+    outcome = _finish(data, job_id)
     assert outcome["state"] == "succeeded"
     assert outcome["attempts"] == 2
     assert outcome["result"]["evicted"] == 23  # only what the first attempt left
