@@ -12,7 +12,8 @@ Measured:
 
 1. Round trip, 1 client, sequential: p50/p99 of ``get`` through a raw DEALER
    (pre-encoded request), through ``memosd.client.Client.get`` (adds client
-   encode/decode), and of the two echoes.
+   encode/decode), and of the two echoes, timed in ``--rounds`` interleaved
+   rounds; the p50/echo column is the median of the per-round ratios.
 2. Throughput with 16 client processes each pipelining ``--window`` requests:
    ``get``; ``add`` (durable: WAL fsync, group commit) to a cube without
    tier policies (no embedding at all: the issue's target row), then to a
@@ -190,6 +191,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=16, help="requests in flight per client")
     parser.add_argument("--text-bytes", type=int, default=300)
     parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds of the round-trip rows"
+    )
+    parser.add_argument(
         "--no-tiers",
         action="store_true",
         help="turn tier policies off (scheduler.default_policies = []); default: on",
@@ -235,21 +239,43 @@ def main() -> None:
         echo_procs.append(start_echo(ECHO_ASYNC, echo_async, reply_size))
         echo_req = [b"e" * len(get_req[0])]
 
-        lat = {
-            "bare echo, sync pyzmq": rtt_raw(echo_sync, echo_req, args.n),
-            "bare echo, zmq.asyncio+anyio": rtt_raw(echo_async, echo_req, args.n),
-            "memosd get (raw DEALER)": rtt_raw(endpoint, get_req, args.n),
-            "memosd get (Client.get)": rtt_client(daemon.socket, "bench", item.id, args.n),
+        probes = {
+            "bare echo, sync pyzmq": lambda n: rtt_raw(echo_sync, echo_req, n),
+            "bare echo, zmq.asyncio+anyio": lambda n: rtt_raw(echo_async, echo_req, n),
+            "memosd get (raw DEALER)": lambda n: rtt_raw(endpoint, get_req, n),
+            "memosd get (Client.get)": lambda n: rtt_client(daemon.socket, "bench", item.id, n),
         }
-        base_p50 = percentiles(lat["bare echo, sync pyzmq"])[0]
+        # Interleaved rounds: this VM's speed drifts ~2x within minutes, so
+        # each system is timed in every round and a ratio to the echo is
+        # taken per round (its median reported), not between two blocks
+        # measured minutes apart.
+        lat: dict[str, list[float]] = {name: [] for name in probes}
+        ratios: dict[str, list[float]] = {name: [] for name in probes}
+        per_round = max(100, args.n // args.rounds)
+        for _ in range(args.rounds):
+            round_p50 = {}
+            for name, probe in probes.items():
+                samples = probe(per_round)
+                lat[name] += samples
+                round_p50[name] = percentiles(samples)[0]
+            for name in probes:
+                ratios[name].append(round_p50[name] / round_p50["bare echo, sync pyzmq"])
         print(
-            f"\nround trip, 1 client, {args.n} sequential requests; "
-            f"request {len(get_req[0])} B, reply {reply_size} B, cpus={os.cpu_count()}"
+            f"\nround trip, 1 client, {args.n} sequential requests in {args.rounds} "
+            f"interleaved rounds; request {len(get_req[0])} B, reply {reply_size} B, "
+            f"cpus={os.cpu_count()}"
         )
-        print(f"{'':32} {'p50 us':>9} {'p99 us':>9} {'mean us':>9} {'p50/echo':>9}")
+        print(
+            f"{'':32} {'p50 us':>9} {'p99 us':>9} {'mean us':>9} {'p50/echo':>9}  "
+            "per round (median first)"
+        )
         for name, samples in lat.items():
             p50, p99, mean = percentiles(samples)
-            print(f"{name:32} {p50:9.1f} {p99:9.1f} {mean:9.1f} {p50 / base_p50:9.2f}")
+            rounds = " ".join(f"{r:.2f}" for r in ratios[name])
+            print(
+                f"{name:32} {p50:9.1f} {p99:9.1f} {mean:9.1f} "
+                f"{statistics.median(ratios[name]):9.2f}  {rounds}"
+            )
 
         print(
             f"\nthroughput, {args.clients} client processes x {args.window} pipelined, "
