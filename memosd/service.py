@@ -61,7 +61,15 @@ from memosd.memcube.model import (
 )
 from memosd.plugins.runtime import check_forms, plugins_result, validate_add, validate_update
 from memosd.portable import FormBlobs, check_blobs, dump_cube, export_blobs, read_portable
-from memosd.protocol import FRAME_KEY, PROTOCOL_VERSION, Reply, Request, item_to_wire, to_wire
+from memosd.protocol import (
+    FRAME_KEY,
+    PROTOCOL_VERSION,
+    Reply,
+    Request,
+    WireCache,
+    item_to_wire,
+    to_wire,
+)
 from memosd.store.group_commit import Submission
 from memosd.store.planner import Planner
 
@@ -331,6 +339,8 @@ class Service:
         scheduler: Any = None,
     ) -> None:
         self.engine = engine
+        # Packed wire maps of recently returned items (get and search replies).
+        self.wire = WireCache()
         # memosd.scheduling.SchedulerRuntime (job runner + tier scheduler), or None.
         self.scheduler = scheduler
         # memosd.models.cache.ModelCache (loaded model backends), or None; set by the daemon.
@@ -946,7 +956,8 @@ def _get(svc: Service, call: Call) -> Any:
         as_of = a.opt_int("as_of_us")
         a.done()
     svc.require(call.identity, cube, "read")
-    return item_to_wire(svc.engine.get(cube, item_id, version=version, as_of_us=as_of))
+    item = svc.engine.get(cube, item_id, version=version, as_of_us=as_of)
+    return Reply(None, packed=svc.wire.item(item))
 
 
 @op("update", write=True)
@@ -1115,10 +1126,9 @@ def _search_args(svc: Service, call: Call) -> _SearchArgs:
     return _SearchArgs(names, query, k, tags, tier, form, keywords)
 
 
-def _hits_wire(hits: Iterable[Any]) -> list[dict[str, Any]]:
-    return [
-        {"item": item_to_wire(h.item), "score": h.score, "components": h.components} for h in hits
-    ]
+def _hits_reply(svc: Service, hits: Iterable[Any]) -> Reply:
+    """Hits as ``[{"item", "score", "components"}]``, items packed through the wire cache."""
+    return Reply(None, packed=svc.wire.hits(hits))
 
 
 def _search_quick(svc: Service, call: Call) -> Any:
@@ -1128,7 +1138,7 @@ def _search_quick(svc: Service, call: Call) -> Any:
     if svc.search is None:
         return NOT_QUICK
     hits = svc.search.try_search_inline(args.names, args.query, **args.search)
-    return NOT_QUICK if hits is None else _hits_wire(hits)
+    return NOT_QUICK if hits is None else _hits_reply(svc, hits)
 
 
 @op("search", quick=_search_quick)
@@ -1152,7 +1162,7 @@ async def _search(svc: Service, call: Call) -> Any:
     def run() -> list[Any]:
         return list(svc.search.search(names, args.query, **args.search))
 
-    return _hits_wire(await svc.run(run))
+    return _hits_reply(svc, await svc.run(run))
 
 
 # --- ops: the change feed (the server keeps the subscription) --------------------

@@ -17,6 +17,7 @@ from memosd.protocol import (
     PROTOCOL_VERSION,
     Limits,
     Reply,
+    WireCache,
     decode_request,
     decode_response,
     encode_error,
@@ -184,6 +185,48 @@ def _item(**changes: Any) -> MemoryItem:
 def test_item_to_wire_matches_the_generic_form() -> None:
     item = _item()
     assert item_to_wire(item) == to_wire(item)
+
+
+@dataclasses.dataclass
+class _Hit:
+    item: MemoryItem
+    score: float
+    components: dict[str, float] | None
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 300])
+def test_packed_replies_are_byte_for_byte_the_plain_ones(n: int) -> None:
+    """A reply built from the wire cache's bytes equals the one packed from the maps."""
+    cache = WireCache()
+    items = [_item(text=f"t{i}", version=i + 1) for i in range(max(n, 1))]
+    hits = [_Hit(items[i % 7], 1.0 / (i + 1), {"dense": 0.5} if i % 2 else None) for i in range(n)]
+    plain = [
+        {"item": item_to_wire(h.item), "score": h.score, "components": h.components} for h in hits
+    ]
+    assert encode_response(9, Reply(None, packed=cache.hits(hits))) == encode_response(
+        9, Reply(plain)
+    )
+    got = encode_response(None, Reply(None, packed=cache.item(items[0]), frames=[b"f"]))
+    assert got == encode_response(None, Reply(item_to_wire(items[0]), frames=[b"f"]))
+    rid, ok, result = decode_response(encode_response(3, Reply(None, packed=cache.hits(hits))))
+    assert (rid, ok, len(result)) == (3, True, n)
+
+
+def test_wire_cache_keys_on_the_item_object() -> None:
+    cache = WireCache(max_items=2)
+    item = _item()
+    first = cache.item(item)
+    assert cache.item(item) is first  # the same object: packed once
+    # An equal but distinct object (a re-decoded version) is packed anew.
+    twin = dataclasses.replace(item)
+    packed_twin = cache.item(twin)
+    assert packed_twin == first
+    assert packed_twin is not first
+    # New usage is a new object with new bytes, never the stale ones.
+    used = dataclasses.replace(item, usage=Usage(9, 10, 1.5))
+    assert msgpack.unpackb(cache.item(used))["usage"]["hits"] == 9
+    for i in range(5):  # past max_items the cache empties and keeps working
+        assert msgpack.unpackb(cache.item(_item(text=str(i))))["text"] == str(i)
 
 
 def test_the_client_rebuilds_items_exactly() -> None:
