@@ -10,6 +10,8 @@ again neither duplicates nor loses work.
 
 Failed attempts retry with exponential backoff (``not_before_us``) until
 ``max_attempts``; then the job ends ``failed`` with its error kept visible.
+A running job waiting on something outside itself can also be deferred
+(:func:`defer`): queued again for later, without counting the attempt.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "backoff_us",
     "cancel",
     "decode_job",
+    "defer",
     "encode_job",
     "fail",
     "job_to_wire",
@@ -173,6 +176,23 @@ def fail(job: Job, now_us: int, error: dict[str, Any], *, retryable: bool = True
             not_before_us=now_us + backoff_us(job.attempts),
         )
     return _next(job, now_us, JobState.FAILED, error=error)
+
+
+def defer(job: Job, now_us: int, delay_us: int, message: str = "") -> Job:
+    """A running job that gives its worker back to run again after ``delay_us``
+    (it waits on something outside itself): queued again, and this attempt
+    does not count against ``max_attempts``."""
+    _require(job, JobState.RUNNING)
+    if job.cancel_requested:
+        return _next(job, now_us, JobState.CANCELLED)
+    return _next(
+        job,
+        now_us,
+        JobState.QUEUED,
+        attempts=max(0, job.attempts - 1),
+        not_before_us=now_us + max(0, int(delay_us)),
+        message=message[:500],
+    )
 
 
 def cancel(job: Job, now_us: int) -> Job:

@@ -50,7 +50,7 @@ from memosd.scheduler.consolidate import (
     SourceTurn,
 )
 from memosd.scheduler.policy import JobRequest, PolicyContext, PolicySetting, resolve_settings
-from memosd.scheduler.runner import JobContext, JobHandler
+from memosd.scheduler.runner import JobContext, JobDeferred, JobHandler
 from memosd.scheduler.tiers import SegmentState, ShortTurn, TierSettings
 
 if TYPE_CHECKING:
@@ -76,6 +76,10 @@ EVICT: Final = "tiers.evict"
 CONSOLIDATE: Final = "tiers.consolidate"
 FORGET: Final = "tiers.forget"
 _HEAT_BINS: Final = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
+# An eviction waiting for the search index waits this long in its worker,
+# then gives the worker back and runs again this much later (JobDeferred).
+_INDEX_WAIT_INLINE_S: Final = 0.5
+_INDEX_RECHECK_S: Final = 1.0
 
 
 #: (cube, [(item id, text)]) -> the vectors an index holds for exactly those texts, by id.
@@ -228,15 +232,26 @@ class PlaintextTierPolicy:
         return np.asarray(self.embedder.embed(list(texts)), dtype=np.float32)
 
     def _wait_for_index(self, ctx: JobContext, timeout_s: float) -> None:
-        """Wait (cancellably) up to ``timeout_s`` for the search index to catch up."""
+        """Let the search index catch up first, until ``timeout_s`` after the job was queued.
+
+        A short wait in the worker; if the index is still behind, the job is
+        deferred (:class:`JobDeferred`) and checks again a second later, so
+        a long catch-up does not hold one of the runner's few workers.
+        Once ``timeout_s`` has passed the job goes on and embeds what the
+        index does not hold yet.
+        """
         wait = self._index_wait
         if wait is None or timeout_s <= 0:
             return
-        deadline = time.monotonic() + timeout_s
-        while not wait(min(1.0, max(0.0, deadline - time.monotonic()))):
-            ctx.check_cancelled()
-            if time.monotonic() >= deadline:
-                return
+        left_s = timeout_s - (ctx.now_us() - ctx.job.created_us) / 1e6
+        if left_s <= 0 or wait(min(_INDEX_WAIT_INLINE_S, left_s)):
+            return
+        ctx.check_cancelled()
+        if left_s > _INDEX_WAIT_INLINE_S:
+            raise JobDeferred(
+                min(_INDEX_RECHECK_S, left_s - _INDEX_WAIT_INLINE_S),
+                "waiting for the search index to catch up",
+            )
 
     def _item_vectors(self, cube: str, items: Sequence[tuple[str, str]]) -> tiers.Vector:
         """Embeddings of ``(item id, text)``: the search index's where it holds exactly

@@ -34,6 +34,11 @@ only moves them through their states and calls handlers.
   write over a limit is as big on the next attempt) are permanent;
   every other error retries with exponential backoff until
   ``max_attempts``, then the job stays ``failed`` with its error.
+* **Deferral**: a handler that would only wait on something outside its job
+  (the search index catching up) raises :class:`JobDeferred`: the job goes
+  back to ``queued`` until the given delay has passed (:func:`jobs.defer`),
+  its worker is free for other jobs meanwhile, and the attempt does not
+  count.  What the attempt committed in steps stays committed.
 * **Cancel**: :meth:`JobRunner.cancel` cancels a queued job at once and
   asks a running one to stop; handlers poll :meth:`JobContext.cancelled`
   (or :meth:`JobContext.check_cancelled`, which raises
@@ -89,6 +94,7 @@ if TYPE_CHECKING:
 __all__ = [
     "JobCancelled",
     "JobContext",
+    "JobDeferred",
     "JobEvent",
     "JobHandler",
     "JobRunner",
@@ -107,6 +113,20 @@ class JobCancelled(Exception):
     """Raised inside a handler to stop because its job was cancelled."""
 
 
+class JobDeferred(Exception):
+    """Raised inside a handler to run the job again in ``delay_s`` seconds.
+
+    For a job that would otherwise block its worker waiting on something
+    outside it: the worker is given back at once, the job is queued again
+    (``message`` tells why), and the attempt does not count.
+    """
+
+    def __init__(self, delay_s: float, message: str = "") -> None:
+        super().__init__(message or f"deferred for {delay_s:g} s")
+        self.delay_s = delay_s
+        self.message = message
+
+
 class JobHandler(Protocol):
     """Runs one job.  Returns the result dict (or None) unless it used ``ctx.commit``.
 
@@ -120,7 +140,8 @@ class JobHandler(Protocol):
 @dataclass(frozen=True, slots=True)
 class JobEvent:
     """What happened to a job: ``queued``, ``started``, ``progress``, ``succeeded``,
-    ``retrying`` (failed attempt, queued again), ``failed``, ``cancelled``."""
+    ``retrying`` (failed attempt, queued again), ``deferred`` (queued again for
+    later by the handler, :class:`JobDeferred`), ``failed``, ``cancelled``."""
 
     type: str
     job_id: str
@@ -705,6 +726,8 @@ class JobRunner:
                 self._emit("succeeded", ctx.job)
             except JobCancelled:
                 self._finish_cancelled(ctx)
+            except JobDeferred as deferral:
+                self._finish_deferred(ctx, deferral)
             except Exception as exc:
                 self._finish_failure(ctx, exc)
         finally:
@@ -758,6 +781,20 @@ class JobRunner:
             _log.error("cannot mark job cancelled", job=ctx.job.id, error=str(exc))
             return
         self._emit("cancelled", ctx.job)
+
+    def _finish_deferred(self, ctx: JobContext, deferral: JobDeferred) -> None:
+        delay_us = int(max(0.0, deferral.delay_s) * 1e6)
+        try:
+            current: jobs.Job = self.engine.get_job(ctx.job.id)
+            if current.state != jobs.JobState.RUNNING:
+                return  # committed or cancelled meanwhile
+            ctx.job = self.engine.transition_job(
+                current.id, lambda j, now: jobs.defer(j, now, delay_us, deferral.message)
+            )
+        except MemosError as exc:
+            _log.error("cannot defer job", job=ctx.job.id, error=str(exc))
+            return
+        self._emit("deferred" if ctx.job.state == jobs.JobState.QUEUED else "cancelled", ctx.job)
 
     def _finish_failure(self, ctx: JobContext, exc: Exception) -> None:
         error = error_to_wire(exc)

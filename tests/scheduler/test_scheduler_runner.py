@@ -12,7 +12,7 @@ import pytest
 from memosd.engine import Engine
 from memosd.errors import BadRequest, Conflict, TooLarge
 from memosd.scheduler import jobs
-from memosd.scheduler.runner import JobContext, JobEvent, JobRunner
+from memosd.scheduler.runner import JobContext, JobDeferred, JobEvent, JobRunner
 from memosd.store.planner import Planner
 
 from .conftest import FakeClock  # type: ignore[import-not-found]
@@ -140,6 +140,85 @@ def test_failures_retry_with_backoff_then_succeed(
     job = engine.get_job(job.id)
     assert (job.state, job.attempts, job.result) == ("succeeded", 3, {"ok": True})
     assert calls == [1, 2, 3]
+
+
+def test_a_deferred_job_gives_its_worker_back_and_runs_again_later(
+    engine: Engine, clock: FakeClock, started: list[JobRunner]
+) -> None:
+    """JobDeferred: queued again for later, the worker free meanwhile, the attempt not counted."""
+    order: list[str] = []
+    ready = threading.Event()
+
+    def waiting(ctx: JobContext) -> dict[str, Any] | None:
+        order.append(f"wait:{ctx.job.attempts}")
+        if not ready.is_set():
+            ctx.commit_step(lambda p: p.add("c", "before the deferral", tier="long"))
+            raise JobDeferred(5.0, "waiting for the thing")
+        return {"waited": True}
+
+    def other(ctx: JobContext) -> dict[str, Any] | None:
+        order.append("other")
+        return None
+
+    events: list[JobEvent] = []
+    # One worker: the other job can only run if the deferred one gave it back.
+    runner = JobRunner(
+        engine, {"test.wait": waiting, "test.other": other}, concurrency=1, clock=clock, poll_s=0.05
+    )
+    runner.add_listener(events.append)
+    started.append(runner)
+    runner.start()
+    job = runner.submit("test.wait", cube="c", max_attempts=1)
+    runner.drain()
+    deferred = engine.get_job(job.id)
+    assert (deferred.state, deferred.attempts, deferred.message) == (
+        "queued",
+        0,
+        "waiting for the thing",
+    )
+    assert deferred.not_before_us - clock() >= 5_000_000 - 1000
+    assert [i.text for i in engine.list_items("c")] == ["before the deferral"]  # the step stays
+    assert runner.run_now("test.other", "c", timeout=10).state == "succeeded"
+    assert order == ["wait:1", "other"]
+    clock.advance(2)
+    runner.wake()
+    runner.drain()
+    assert order == ["wait:1", "other"]  # not due yet
+    ready.set()
+    clock.advance(4)
+    runner.wake()
+    runner.drain()
+    done = engine.get_job(job.id)
+    # max_attempts=1 and yet it ran twice: a deferral is not a failed attempt.
+    assert (done.state, done.attempts, done.result) == ("succeeded", 1, {"waited": True})
+    assert order == ["wait:1", "other", "wait:1"]
+    assert [e.type for e in events if e.job_id == job.id] == [
+        "queued",
+        "started",
+        "deferred",
+        "started",
+        "succeeded",
+    ]
+
+
+def test_a_deferred_job_can_be_cancelled_and_a_cancel_wins_over_deferral(
+    engine: Engine, clock: FakeClock, started: list[JobRunner]
+) -> None:
+    def defer(ctx: JobContext) -> None:
+        raise JobDeferred(60.0)
+
+    runner = make_runner(engine, clock, {"test.defer": defer})
+    started.append(runner)
+    runner.start()
+    job = runner.submit("test.defer", cube="c")
+    runner.drain()
+    assert engine.get_job(job.id).state == "queued"
+    assert runner.cancel(job.id).state == "cancelled"
+    # A cancel requested while the job runs: deferring then ends it cancelled.
+    fresh = jobs.new_job(id="01M80PSCB9NQEF9VE49P0A27P0", kind="test.defer", now_us=clock())
+    running = jobs.start(fresh, clock())
+    requested = jobs.cancel(running, clock())
+    assert jobs.defer(requested, clock(), 1_000_000).state == "cancelled"
 
 
 def test_exhausted_attempts_end_failed_and_visible(

@@ -7,6 +7,7 @@ and contradiction of facts; forgetting; the mid-tier capacity.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -504,17 +505,77 @@ def test_eviction_waits_for_the_index_and_takes_its_vectors(
                 ).id
                 for i in range(20)
             ]
-            job = runner.submit("tiers.evict", cube="chat")
+            job = runner.submit("tiers.evict", cube="chat", max_attempts=1)
             assert waiting.wait(30)  # the job waits for the index ...
+            # ... briefly in its worker, then deferred: the worker is free.
+            deadline = time.monotonic() + 30
+            while engine.get_job(job.id).state != "queued" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            deferred = engine.get_job(job.id)
+            assert (deferred.state, deferred.attempts) == ("queued", 0)
+            assert "search index" in deferred.message
             assert job_embedder.texts_embedded == 0
-            index_embedder.gate.set()  # ... which now catches up
+            index_embedder.gate.set()  # the index catches up
+            clock.advance(1.5)  # and the deferral is over
+            runner.wake()
             job = runner.wait(job.id, timeout=30)
-            assert job.state == "succeeded"
+            assert (job.state, job.attempts) == ("succeeded", 1)
             assert job.result is not None
             assert job.result["evicted"] == 18
             assert registry.get("plaintext").vectors_reused == 17  # type: ignore[attr-defined]
             assert job_embedder.texts_embedded == 1
             assert all(engine.get("chat", i).tier == "mid" for i in ids[:18])
+        finally:
+            index_embedder.gate.set()
+            runner.close()
+            svc.close()
+
+
+def test_an_eviction_stops_waiting_for_the_index_after_index_wait_s(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """An index that never catches up: after index_wait_s the job embeds the turns itself."""
+    index_embedder = _GatedEmbedder(512)
+    job_embedder = HashingEmbedder(512)
+    with Engine.open(tmp_path / "data", clock=clock) as engine:
+        svc = SearchService(engine, tmp_path / "data", embedder=index_embedder)
+        svc.start()
+        registry = build_registry(
+            builtin_policies(embedder=job_embedder),
+            vector_lookup=svc.known_vectors,
+            index_wait=svc.wait_caught_up,
+        )
+        runner = JobRunner(engine, registry.handlers(), clock=clock, poll_s=0.05)
+        runner.start()
+        try:
+            plain = {"short_capacity": 2, "index_wait_s": 10.0}
+            config = svc.cube_config(tier_policy={"policies": ["plaintext"], "plaintext": plain})
+            engine.create_cube("chat", owner="uid:0", config=config)
+            for i in range(6):
+                engine.add("chat", f"Alice: {TOPICS[NAMES[i % 4]][1][i % 5]}", session="s")
+            job = runner.submit("tiers.evict", cube="chat", max_attempts=1)
+
+            def until(state: str, *, now: bool) -> None:
+                deadline = time.monotonic() + 30
+                while (engine.get_job(job.id).state == state) != now:
+                    assert time.monotonic() < deadline, f"job never {'' if now else 'left '}{state}"
+                    time.sleep(0.01)
+
+            until("running", now=True)
+            for _ in range(3):  # deferred again and again while the index is behind
+                until("queued", now=True)
+                assert engine.get_job(job.id).attempts == 0
+                clock.advance(1.5)
+                runner.wake()
+                until("queued", now=False)
+            until("queued", now=True)
+            clock.advance(10)  # index_wait_s after the job was queued: no more waiting
+            runner.wake()
+            job = runner.wait(job.id, timeout=30)
+            assert (job.state, job.attempts) == ("succeeded", 1)
+            assert job.result is not None
+            assert job.result["evicted"] == 4
+            assert job_embedder.texts_embedded == 4  # none came from the index
         finally:
             index_embedder.gate.set()
             runner.close()
