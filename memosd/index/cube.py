@@ -268,6 +268,39 @@ class CubeIndex:
                 )
         return out
 
+    def neighbour_scores(
+        self, scores: dict[str, float], *, blocking: bool = True
+    ) -> dict[str, float]:
+        """For each item of ``scores`` in a session: the best positive score in
+        ``scores`` of its session neighbours (the items just before and after
+        it); items with none are left out.  A search's neighbour smoothing, in
+        one loop under one lock (~1 us per candidate less than going through
+        :meth:`neighbours_of`).  ``blocking=False``: WouldBlock if the lock is held."""
+        out: dict[str, float] = {}
+        session_of = self.session_of.get
+        sessions = self.sessions
+        score_of = scores.get
+        bisect_left = bisect.bisect_left
+        with self._locked(blocking):
+            for item_id in scores:
+                session = session_of(item_id)
+                if session is None:
+                    continue
+                members = sessions[session]
+                at = bisect_left(members, item_id)
+                best = 0.0
+                if at > 0:
+                    before = score_of(members[at - 1])
+                    if before is not None and before > best:
+                        best = before
+                if at + 1 < len(members):
+                    after = score_of(members[at + 1])
+                    if after is not None and after > best:
+                        best = after
+                if best > 0.0:
+                    out[item_id] = best
+        return out
+
     def remove(self, item_id: str) -> bool:
         with self.lock:
             self._set_session(item_id, None)

@@ -42,6 +42,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Final
 
@@ -72,6 +73,9 @@ _SCAN_PAGE: Final = 512
 _COSTS_MAX: Final = 4096  # search-cost estimates kept (one per cubes/mode/k/filter kind)
 
 Key = tuple[str, str]  # (cube, item id)
+# Sort keys: best first with reverse=True, which keeps equal scores in order.
+_SCORE: Final = itemgetter(1)
+_HIT_SCORE: Final = attrgetter("score")
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,8 +447,9 @@ class SearchService:
                 got = cube.search_lexical(terms, n, blocking=blocking)
                 exhausted = exhausted and len(got) < n
                 lexical.extend(((cube.name, item_id), s) for item_id, s in got)
-        dense.sort(key=lambda e: -e[1])
-        lexical.sort(key=lambda e: -e[1])
+        # reverse=True keeps equal scores in their order, as a key of -score did.
+        dense.sort(key=_SCORE, reverse=True)
+        lexical.sort(key=_SCORE, reverse=True)
         return _Candidates(dense, lexical, exhausted)
 
     def _latest(self, keys: list[Key]) -> list[MemoryItem | None]:
@@ -525,7 +530,7 @@ class SearchService:
                 break
             chunk = max(chunk, 2 * k)
         if boosting:
-            hits.sort(key=lambda h: -h.score)
+            hits.sort(key=_HIT_SCORE, reverse=True)
         return hits[:k]
 
     def _rank(
@@ -612,32 +617,38 @@ class SearchService:
 
         Returns the re-ranked candidates and the bonus each one received."""
         weight = self.settings.neighbour_weight
-        cubes = {cube_name for (cube_name, _), _, _ in ranked}
-        if not any(
-            (cube := self.indexer.cube(name)) is not None and cube.sessions for name in cubes
-        ):
-            return ranked, {}  # no candidate has a session neighbour: nothing to add
-        base = {key: score for key, score, _ in ranked}
-        by_cube: dict[str, list[str]] = {}
-        for (cube_name, item_id), _, _ in ranked:
-            by_cube.setdefault(cube_name, []).append(item_id)
-        near: dict[Key, tuple[str | None, str | None]] = {}
-        for cube_name, ids in by_cube.items():
+        scores_by_cube: dict[str, dict[str, float]] = {}
+        for (cube_name, item_id), score, _ in ranked:
+            scores = scores_by_cube.get(cube_name)
+            if scores is None:
+                scores = scores_by_cube[cube_name] = {}
+            scores[item_id] = score
+        best_by_cube: dict[str, dict[str, float]] = {}
+        for cube_name, scores in scores_by_cube.items():
             cube = self.indexer.cube(cube_name)
-            if cube is not None:
-                for item_id, pair in cube.neighbours_of(ids, blocking=blocking).items():
-                    near[(cube_name, item_id)] = pair
+            if cube is not None and cube.sessions:
+                best = cube.neighbour_scores(scores, blocking=blocking)
+                if best:
+                    best_by_cube[cube_name] = best
+        if not best_by_cube:
+            return ranked, {}  # no candidate has a session neighbour: nothing to add
         out: list[tuple[Key, float, float]] = []
         bonuses: dict[Key, float] = {}
-        for key, score, fused in ranked:
-            bonus = 0.0
-            for other in near.get(key, ()):
-                if other is not None:
-                    bonus = max(bonus, base.get((key[0], other), 0.0))
-            if bonus > 0:
-                bonuses[key] = weight * bonus
-            out.append((key, score + weight * bonus, fused))
-        out.sort(key=lambda entry: -entry[1])  # stable: ties keep the fused order
+        single = next(iter(best_by_cube.values())) if len(scores_by_cube) == 1 else None
+        for entry in ranked:
+            key = entry[0]
+            if single is not None:
+                neighbour = single.get(key[1])
+            else:
+                best = best_by_cube.get(key[0])
+                neighbour = None if best is None else best.get(key[1])
+            if neighbour is None:
+                out.append(entry)
+            else:
+                bonus = weight * neighbour
+                bonuses[key] = bonus
+                out.append((key, entry[1] + bonus, entry[2]))
+        out.sort(key=_SCORE, reverse=True)  # stable: ties keep the fused order
         return out, bonuses
 
     def _search_history(

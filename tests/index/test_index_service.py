@@ -496,6 +496,52 @@ def test_session_order_survives_snapshots_and_deletes(engine: Engine, tmp_path: 
     svc2.close()
 
 
+def test_neighbour_smoothing_equals_its_definition(engine: Engine, tmp_path: Path) -> None:
+    """Random candidate lists over two cubes: each candidate gains weight x the best
+    positive candidate score among its session neighbours, re-ranked stably."""
+    import random
+
+    svc = SearchService(engine, tmp_path / "data", embedder=HashingEmbedder(64), settings=SETTINGS)
+    svc.start()
+    ids: dict[str, list[str]] = {}
+    for name in ("a", "b"):
+        engine.create_cube(name, owner="uid:1", config=svc.cube_config())
+        ids[name] = [
+            engine.add(name, f"turn {i}", session=None if i % 7 == 3 else f"s{i % 3}").id
+            for i in range(40)
+        ]
+    assert svc.wait_indexed(engine.applied_lsn, 10)
+    weight = svc.settings.neighbour_weight
+    cubes = {name: svc.indexer.cube(name) for name in ids}
+    rnd = random.Random(7)
+    for _ in range(200):
+        names = rnd.choice([["a"], ["b"], ["a", "b"]])
+        keys = [(n, i) for n in names for i in rnd.sample(ids[n], rnd.randint(1, 30))]
+        rnd.shuffle(keys)
+        # Coarse scores make ties; some are negative (cosine), which never lift.
+        ranked = [(key, rnd.choice([-0.2, 0.0, 0.1, 0.3, 0.5, 0.5, 0.9]), 0.0) for key in keys]
+        ranked.sort(key=lambda entry: -entry[1])  # as the fusion ranks them
+        base = {key: score for key, score, _ in ranked}
+        expected_bonus: dict[tuple[str, str], float] = {}
+        expected = []
+        for key, score, fused in ranked:
+            cube = cubes[key[0]]
+            assert cube is not None
+            best = max(
+                (base.get((key[0], other), 0.0) for other in cube.neighbours(key[1]) if other),
+                default=0.0,
+            )
+            best = max(best, 0.0)
+            if best > 0:
+                expected_bonus[key] = weight * best
+            expected.append((key, score + weight * best, fused))
+        expected.sort(key=lambda entry: -entry[1])
+        got, bonus = svc._smooth_by_neighbours(ranked)
+        assert got == expected
+        assert bonus == expected_bonus
+    svc.close()
+
+
 class ThreadRecordingEmbedder(HashingEmbedder):
     """The hashing embedder, noting which threads embed and holding each call a moment."""
 
