@@ -640,8 +640,8 @@ class SearchService:
             if single is not None:
                 neighbour = single.get(key[1])
             else:
-                best = best_by_cube.get(key[0])
-                neighbour = None if best is None else best.get(key[1])
+                of_cube = best_by_cube.get(key[0])
+                neighbour = None if of_cube is None else of_cube.get(key[1])
             if neighbour is None:
                 out.append(entry)
             else:
