@@ -131,6 +131,10 @@ class Server:
         # Set by the ZMQ_FD reader callback; a bare asyncio future is the
         # cheapest wake-up (this is on every request's path when idle).
         self._input: asyncio.Future[None] | None = None
+        # While idle, the reader callback answers requests itself (see
+        # _wake_receiver); the receive loop's task group starts their tasks.
+        self._tg: TaskGroup | None = None
+        self._reading_inline = False
         self._inflight = 0
         self._bound: list[Path] = []
         self._events: collections.deque[Any] = collections.deque()
@@ -280,6 +284,7 @@ class Server:
     async def _receive(
         self, router: zmq.Socket[bytes], tg: TaskGroup, pause_reader: Callable[[], object]
     ) -> None:
+        self._tg = tg
         burst = 0
         while self._accepting:
             if self._inflight >= self._max_inflight:
@@ -310,9 +315,47 @@ class Server:
                 await anyio.lowlevel.checkpoint()
 
     def _wake_receiver(self) -> None:
+        """ZMQ_FD reader callback: input may be waiting.
+
+        An idle receiver's requests are read and answered right here, in the
+        callback: waking the receiving task instead costs another trip
+        through the event loop on every request of a lone client (a future's
+        callback, then the task's step).  The task resumes only when this
+        cannot finish the job: a full burst, no free in-flight slot, or an
+        error it must see.
+        """
         waiter = self._input
-        if waiter is not None and not waiter.done():
+        if waiter is None or waiter.done() or self._reading_inline:
+            return
+        self._reading_inline = True
+        try:
+            resume = self._read_inline()
+        except Exception:
+            _log.exception("reading requests failed; the receive loop takes over")
+            resume = True
+        finally:
+            self._reading_inline = False
+        if resume and not waiter.done():
             waiter.set_result(None)
+
+    def _read_inline(self) -> bool:
+        """Answer up to a burst of waiting requests; True: the receive task must resume."""
+        router, tg = self._router, self._tg
+        if router is None or tg is None:
+            return True
+        for _ in range(_BURST):
+            if not self._accepting or self._inflight >= self._max_inflight:
+                return True
+            try:
+                frames = _recv_message(router)
+            except zmq.Again:
+                # Reading ZMQ_EVENTS re-arms the edge-triggered ZMQ_FD; input
+                # that raced in since the last receive is read next round.
+                if _pollin(router):
+                    continue
+                return False
+            self._dispatch(frames, tg)
+        return True
 
     def _dispatch(self, frames: list[zmq.Frame], tg: TaskGroup) -> None:
         """Answer inline if possible; otherwise start a task for the request."""
