@@ -54,7 +54,6 @@ from memosd.memcube.model import (
     MemoryItem,
     PurgeRecord,
     Status,
-    Usage,
     validate_cube_name,
 )
 from memosd.scheduler import jobs
@@ -733,13 +732,7 @@ class Engine:
             return
 
         def write(view: StoreView) -> None:
-            for (cube, item_id), (hits, last_us) in pending.items():
-                if view.latest_version(cube, item_id) is None:
-                    continue
-                old = view.usage(cube, item_id) or Usage()
-                view.put_usage(
-                    cube, item_id, Usage(hits=old.hits + hits, last_hit_us=last_us, heat=old.heat)
-                )
+            view.add_hits(pending)
 
         self._write_txn(write)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -234,6 +234,34 @@ class StoreView:
     def usage(self, cube: str, item_id: str) -> Usage | None:
         raw = self._get("usage", keys.item_key(cube, item_id))
         return None if raw is None else _decode_usage(raw)
+
+    def add_hits(self, pending: Mapping[tuple[str, str], tuple[int, int]]) -> int:
+        """Add counted search hits ``{(cube, item id): (hits, last hit us)}`` to the
+        items' usage records (heat kept); hits of items gone since are dropped.
+
+        The usage flush's loop (a busy search load counts thousands of items a
+        second): keys in order, no ``Usage`` objects, one ``putmulti``.  About
+        half the CPU per item of a ``usage``/``put_usage`` pair each.  Returns
+        the number of records written.
+        """
+        latest_db, usage_db = self.dbs["latest"], self.dbs["usage"]
+        get = self.txn.get
+        unpack, pack = codec.unpackb, codec.packb
+        out: list[tuple[bytes, bytes]] = []
+        for (cube, item_id), (hits, last_us) in sorted(pending.items()):
+            key = keys.item_key(cube, item_id)
+            if get(key, db=latest_db) is None:
+                continue
+            raw = get(key, db=usage_db)
+            old_hits, heat = 0, 0.0
+            if raw is not None:
+                record = unpack(raw)  # [hits, last hit us, heat], as put_usage writes it
+                old_hits, heat = int(record[0]), float(record[2])
+            out.append((key, pack([old_hits + hits, last_us, heat])))
+        if out:
+            with self.txn.cursor(db=usage_db) as cur:
+                cur.putmulti(out)
+        return len(out)
 
     def put_usage(self, cube: str, item_id: str, usage: Usage) -> None:
         self.txn.put(

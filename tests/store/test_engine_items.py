@@ -9,7 +9,7 @@ import pytest
 
 from memosd.engine import ChangeEvent, Engine, EngineSettings
 from memosd.errors import BadRequest, Conflict, NotFound, TooLarge
-from memosd.memcube.model import CubeConfig
+from memosd.memcube.model import CubeConfig, Usage
 
 
 class FakeClock:
@@ -166,6 +166,29 @@ def test_filtered_listing_matches_filtering_every_item(engine: Engine) -> None:
     with pytest.raises(BadRequest):
         next(engine.iter_items("notes", page=0))
     assert next(i for i in longs if i.id == made[8].id).usage.hits == 1  # usage merged in
+
+
+def test_flushed_hits_add_up_keep_heat_and_skip_items_gone(engine: Engine) -> None:
+    kept, purged, deleted = (engine.add("notes", t) for t in ("kept", "purged", "deleted"))
+    engine.record_hits("notes", [kept.id, kept.id, purged.id, deleted.id], now_us=10)
+    engine.checkpoint()
+    # Heat is the tier policy's to set (usage records it without touching hits).
+    engine._write_txn(
+        lambda view: view.put_usage("notes", kept.id, Usage(hits=2, last_hit_us=10, heat=4.5))
+    )
+    engine.purge("notes", purged.id)
+    engine.delete("notes", deleted.id)  # a tombstone is still an item: its hits count
+    engine.record_hits(
+        "notes", [kept.id, purged.id, deleted.id, "01M80PSCB9NQEF9VE49P0A27P0"], now_us=20
+    )
+    engine.checkpoint()
+    assert engine.get("notes", kept.id).usage == Usage(hits=3, last_hit_us=20, heat=4.5)
+    assert engine.history("notes", deleted.id)[-1].usage.hits == 2
+    with pytest.raises(NotFound):
+        engine.get("notes", purged.id)
+    # Neither the purged item nor the unknown id got a usage record back.
+    assert engine._read(lambda view: view.usage("notes", purged.id)) is None
+    assert engine._read(lambda view: view.usage("notes", "01M80PSCB9NQEF9VE49P0A27P0")) is None
 
 
 def test_usage_hits_are_batched_without_new_versions(engine: Engine) -> None:
