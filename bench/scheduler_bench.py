@@ -36,12 +36,14 @@ evicted turn itself, and taking the index's vectors (the daemon's wiring:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 TOPICS = [
@@ -103,6 +105,25 @@ def _in_process_embedder(name: str) -> Any:
     return HashingEmbedder(384)
 
 
+@contextlib.contextmanager
+def _indexed_engine(embedder: Any) -> Iterator[tuple[Any, Any]]:
+    """An engine in a temporary directory with a started search index (no snapshots)."""
+    from memosd.engine import Engine
+    from memosd.index import IndexSettings, SearchService
+
+    with tempfile.TemporaryDirectory(prefix="schedbench-") as tmp:
+        engine = Engine.open(tmp)
+        search = SearchService(
+            engine, tmp, embedder=embedder, settings=IndexSettings(snapshot_interval_s=0)
+        )
+        search.start()
+        try:
+            yield engine, search
+        finally:
+            search.close()
+            engine.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=3000)
@@ -116,20 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.evict:
         return evict_cpu(args.evict, args.embedder)
 
-    from memosd.engine import Engine
-    from memosd.index import IndexSettings, SearchService
     from memosd.memcube.model import CubeConfig
     from memosd.scheduler.policies_builtin import CONSOLIDATE, EVICT, PlaintextTierPolicy
     from memosd.scheduler.runner import JobRunner
 
     embedder = _in_process_embedder(args.embedder)
     rng = random.Random(7)
-    with tempfile.TemporaryDirectory(prefix="schedbench-") as tmp:
-        engine = Engine.open(tmp)
-        search = SearchService(
-            engine, tmp, embedder=embedder, settings=IndexSettings(snapshot_interval_s=0)
-        )
-        search.start()
+    with _indexed_engine(embedder) as (engine, search):
         policy = PlaintextTierPolicy(embedder)
         tier_policy = {
             "plaintext": {
@@ -198,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         job = runner.wait(queued[0].id, timeout=3600)
         job_s = time.perf_counter() - job_started
         runner.close()
-        search.close()
-        engine.close()
 
     rows: list[tuple[str, dict[str, Any]]] = [
         ("idle", percentiles(idle)),
@@ -278,8 +290,6 @@ def add_overhead(n: int, embedder: str) -> int:
 
 def evict_cpu(n: int, embedder_name: str) -> int:
     """One eviction job's CPU, embedding the turns itself vs taking the index's vectors."""
-    from memosd.engine import Engine
-    from memosd.index import IndexSettings, SearchService
     from memosd.scheduler.policies_builtin import EVICT, PlaintextTierPolicy
     from memosd.scheduler.runner import JobRunner
 
@@ -288,12 +298,7 @@ def evict_cpu(n: int, embedder_name: str) -> int:
     print(f"{'':30}{'wall s':>8}{'CPU s':>8}{'embedded':>10}{'reused':>8}")
     rng = random.Random(7)
     for label, reuse in (("embeds every turn", False), ("index's vectors", True)):
-        with tempfile.TemporaryDirectory(prefix="schedbench-") as tmp:
-            engine = Engine.open(tmp)
-            search = SearchService(
-                engine, tmp, embedder=embedder, settings=IndexSettings(snapshot_interval_s=0)
-            )
-            search.start()
+        with _indexed_engine(embedder) as (engine, search):
             policy = PlaintextTierPolicy(embedder)
             if reuse:
                 policy.use_vector_lookup(search.known_vectors, search.wait_caught_up)
@@ -314,8 +319,6 @@ def evict_cpu(n: int, embedder_name: str) -> int:
                 embedded = job.result["evicted"] - policy.vectors_reused
             finally:
                 runner.close()
-                search.close()
-                engine.close()
             print(f"{label:30}{wall:8.2f}{cpu:8.2f}{embedded:10d}{policy.vectors_reused:8d}")
     return 0
 
