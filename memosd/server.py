@@ -285,7 +285,6 @@ class Server:
         self, router: zmq.Socket[bytes], tg: TaskGroup, pause_reader: Callable[[], object]
     ) -> None:
         self._tg = tg
-        burst = 0
         while self._accepting:
             if self._inflight >= self._max_inflight:
                 # Full: stop watching the (level-triggered) fd, or the loop spins.
@@ -296,23 +295,14 @@ class Server:
                     int(router.getsockopt(zmq.FD)), self._wake_receiver
                 )
                 continue
-            try:
-                frames = _recv_message(router)
-            except zmq.Again:
-                if _pollin(router):
-                    continue
-                burst = 0
-                self._input = asyncio.get_running_loop().create_future()
-                try:
-                    await self._input
-                finally:
-                    self._input = None
-                continue
-            self._dispatch(frames, tg)
-            burst += 1
-            if burst >= _BURST:  # let handlers and the change feed run too
-                burst = 0
+            if self._read_burst():  # let handlers and the change feed run too
                 await anyio.lowlevel.checkpoint()
+                continue
+            self._input = asyncio.get_running_loop().create_future()
+            try:
+                await self._input
+            finally:
+                self._input = None
 
     def _wake_receiver(self) -> None:
         """ZMQ_FD reader callback: input may be waiting.
@@ -329,7 +319,7 @@ class Server:
             return
         self._reading_inline = True
         try:
-            resume = self._read_inline()
+            resume = self._read_burst()
         except Exception:
             _log.exception("reading requests failed; the receive loop takes over")
             resume = True
@@ -338,8 +328,10 @@ class Server:
         if resume and not waiter.done():
             waiter.set_result(None)
 
-    def _read_inline(self) -> bool:
-        """Answer up to a burst of waiting requests; True: the receive task must resume."""
+    def _read_burst(self) -> bool:
+        """Answer up to a burst of waiting requests (the receive task, and the reader
+        callback while that task waits); False once no input is left, True if
+        there may be more: a full burst, no free in-flight slot, or not accepting."""
         router, tg = self._router, self._tg
         if router is None or tg is None:
             return True

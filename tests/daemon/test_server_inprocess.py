@@ -147,7 +147,7 @@ def test_an_idle_server_answers_from_its_reader_callback(running_server: _Runnin
     """A lone client's requests are read in the ZMQ_FD callback; if that fails, the
     receive loop takes the request over and answers it all the same."""
     server = running_server.server
-    original = server._read_inline
+    original = server._read_burst
     calls: list[str] = []
 
     def counting() -> bool:
@@ -155,18 +155,18 @@ def test_an_idle_server_answers_from_its_reader_callback(running_server: _Runnin
         return original()
 
     def failing_once() -> bool:
-        server._read_inline = counting  # type: ignore[method-assign]
+        server._read_burst = counting  # type: ignore[method-assign]
         calls.append("failed")
         raise RuntimeError("planted")
 
-    server._read_inline = counting  # type: ignore[method-assign]
+    server._read_burst = counting  # type: ignore[method-assign]
     with _dealer(running_server.endpoint) as sock:
         for rid in range(1, 21):
             assert _call(sock, rid, "ping", {})["ok"]
             time.sleep(0.002)  # let the loop go idle between requests
         assert calls.count("read") >= 10
         time.sleep(0.05)  # idle again, waiting in the callback's stead
-        server._read_inline = failing_once  # type: ignore[method-assign]
+        server._read_burst = failing_once  # type: ignore[method-assign]
         assert _call(sock, 50, "ping", {})["ok"]  # answered by the receive loop
         assert "failed" in calls
         assert _call(sock, 51, "create_cube", {"name": "after"})["ok"]
