@@ -782,19 +782,28 @@ class JobRunner:
             return
         self._emit("cancelled", ctx.job)
 
-    def _finish_deferred(self, ctx: JobContext, deferral: JobDeferred) -> None:
-        delay_us = int(max(0.0, deferral.delay_s) * 1e6)
+    def _end_attempt(
+        self, ctx: JobContext, change: Callable[[jobs.Job, int], jobs.Job], what: str
+    ) -> bool:
+        """Apply ``change`` to the job if this attempt still runs it; False if it was
+        committed or cancelled meanwhile, or the store refused (logged)."""
         try:
             current: jobs.Job = self.engine.get_job(ctx.job.id)
             if current.state != jobs.JobState.RUNNING:
-                return  # committed or cancelled meanwhile
-            ctx.job = self.engine.transition_job(
-                current.id, lambda j, now: jobs.defer(j, now, delay_us, deferral.message)
-            )
+                return False  # committed or cancelled meanwhile; nothing to record
+            ctx.job = self.engine.transition_job(current.id, change)
         except MemosError as exc:
-            _log.error("cannot defer job", job=ctx.job.id, error=str(exc))
-            return
-        self._emit("deferred" if ctx.job.state == jobs.JobState.QUEUED else "cancelled", ctx.job)
+            _log.error(f"cannot record job {what}", job=ctx.job.id, error=str(exc))
+            return False
+        return True
+
+    def _finish_deferred(self, ctx: JobContext, deferral: JobDeferred) -> None:
+        delay_us = int(deferral.delay_s * 1e6)  # jobs.defer clamps at 0
+        if self._end_attempt(
+            ctx, lambda j, now: jobs.defer(j, now, delay_us, deferral.message), "deferral"
+        ):
+            queued = ctx.job.state == jobs.JobState.QUEUED
+            self._emit("deferred" if queued else "cancelled", ctx.job)
 
     def _finish_failure(self, ctx: JobContext, exc: Exception) -> None:
         error = error_to_wire(exc)
@@ -803,15 +812,8 @@ class JobRunner:
             _log.warning("job attempt failed", job=ctx.job.id, kind=ctx.job.kind, error=error)
         else:
             _log.exception("job handler raised", job=ctx.job.id, kind=ctx.job.kind)
-        try:
-            current: jobs.Job = self.engine.get_job(ctx.job.id)
-            if current.state != jobs.JobState.RUNNING:
-                return  # committed or cancelled meanwhile; nothing to record
-            ctx.job = self.engine.transition_job(
-                current.id,
-                lambda j, now: jobs.fail(j, now, error, retryable=retryable),
-            )
-        except MemosError as store_exc:
-            _log.error("cannot record job failure", job=ctx.job.id, error=str(store_exc))
-            return
-        self._emit("retrying" if ctx.job.state == jobs.JobState.QUEUED else "failed", ctx.job)
+        if self._end_attempt(
+            ctx, lambda j, now: jobs.fail(j, now, error, retryable=retryable), "failure"
+        ):
+            queued = ctx.job.state == jobs.JobState.QUEUED
+            self._emit("retrying" if queued else "failed", ctx.job)
