@@ -634,14 +634,10 @@ class SearchService:
             return ranked, {}  # no candidate has a session neighbour: nothing to add
         out: list[tuple[Key, float, float]] = []
         bonuses: dict[Key, float] = {}
-        single = next(iter(best_by_cube.values())) if len(scores_by_cube) == 1 else None
         for entry in ranked:
             key = entry[0]
-            if single is not None:
-                neighbour = single.get(key[1])
-            else:
-                of_cube = best_by_cube.get(key[0])
-                neighbour = None if of_cube is None else of_cube.get(key[1])
+            of_cube = best_by_cube.get(key[0])
+            neighbour = None if of_cube is None else of_cube.get(key[1])
             if neighbour is None:
                 out.append(entry)
             else:
