@@ -246,18 +246,14 @@ class StoreView:
         """
         latest_db, usage_db = self.dbs["latest"], self.dbs["usage"]
         get = self.txn.get
-        unpack, pack = codec.unpackb, codec.packb
         out: list[tuple[bytes, bytes]] = []
         for (cube, item_id), (hits, last_us) in sorted(pending.items()):
             key = keys.item_key(cube, item_id)
             if get(key, db=latest_db) is None:
                 continue
             raw = get(key, db=usage_db)
-            old_hits, heat = 0, 0.0
-            if raw is not None:
-                record = unpack(raw)  # [hits, last hit us, heat], as put_usage writes it
-                old_hits, heat = int(record[0]), float(record[2])
-            out.append((key, pack([old_hits + hits, last_us, heat])))
+            old = _NO_USAGE if raw is None else _decode_usage(bytes(raw))
+            out.append((key, _usage_record(old.hits + hits, last_us, old.heat)))
         if out:
             with self.txn.cursor(db=usage_db) as cur:
                 cur.putmulti(out)
@@ -266,7 +262,7 @@ class StoreView:
     def put_usage(self, cube: str, item_id: str, usage: Usage) -> None:
         self.txn.put(
             keys.item_key(cube, item_id),
-            codec.packb([usage.hits, usage.last_hit_us, usage.heat]),
+            _usage_record(usage.hits, usage.last_hit_us, usage.heat),
             db=self.dbs["usage"],
         )
 
@@ -538,6 +534,14 @@ class StoreView:
 def _has_class(found: tuple[str, str, str], wanted: tuple[str | None, ...]) -> bool:
     """Whether ``found`` (status, tier, form) matches ``wanted`` (None: any)."""
     return all(w is None or w == f for f, w in zip(found, wanted, strict=True))
+
+
+_NO_USAGE: Final = Usage()
+
+
+def _usage_record(hits: int, last_hit_us: int | None, heat: float) -> bytes:
+    """A ``usage`` DB value (``_decode_usage`` reads it)."""
+    return codec.packb([hits, last_hit_us, heat])
 
 
 def _decode_usage(raw: bytes) -> Usage:
