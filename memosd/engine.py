@@ -202,7 +202,9 @@ class Engine:
         self._stop_housekeeper = threading.Event()
         self._usage_lock = threading.Lock()
         self._caches = StoreCaches()
-        self._pending_hits: dict[tuple[str, str], tuple[int, int]] = {}
+        # {cube: {item id: (hits, last hit us)}}: nested, so the flush sorts
+        # plain id strings (see StoreView.add_hits) and a hit costs no tuple.
+        self._pending_hits: dict[str, dict[str, tuple[int, int]]] = {}
         self._failure: MemosError | None = None
         self._background_checkpoint: threading.Thread | None = None
         self._closed = False
@@ -732,7 +734,7 @@ class Engine:
             return
 
         def write(view: StoreView) -> None:
-            view.add_hits(pending)
+            view.add_hits(pending, pause=_yield_gil)
 
         self._write_txn(write)
 
@@ -1186,9 +1188,22 @@ class Engine:
         """Count search hits; flushed to LMDB in batches, never one WAL record per hit."""
         at = now_us if now_us is not None else self._clock()
         with self._usage_lock:
+            counts = self._pending_hits.get(cube)
+            if counts is None:
+                counts = self._pending_hits[cube] = {}
             for item_id in item_ids:
-                hits, _ = self._pending_hits.get((cube, item_id), (0, at))
-                self._pending_hits[(cube, item_id)] = (hits + 1, at)
+                old = counts.get(item_id)
+                counts[item_id] = (1 if old is None else old[0] + 1, at)
+
+
+def _yield_gil() -> None:
+    """Let a thread waiting for the GIL run now (between slices of a long flush).
+
+    ``time.sleep(0)`` releases the GIL, so a waiting thread (the server's
+    event loop, with a request) gets it at once instead of after the
+    interpreter's 5 ms switch interval.
+    """
+    time.sleep(0)
 
 
 def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -235,29 +235,51 @@ class StoreView:
         raw = self._get("usage", keys.item_key(cube, item_id))
         return None if raw is None else _decode_usage(raw)
 
-    def add_hits(self, pending: Mapping[tuple[str, str], tuple[int, int]]) -> int:
-        """Add counted search hits ``{(cube, item id): (hits, last hit us)}`` to the
+    def add_hits(
+        self,
+        pending: Mapping[str, Mapping[str, tuple[int, int]]],
+        *,
+        pause: Callable[[], None] | None = None,
+    ) -> int:
+        """Add counted search hits ``{cube: {item id: (hits, last hit us)}}`` to the
         items' usage records (heat kept); hits of items gone since are dropped.
 
         The usage flush's loop (a busy search load counts thousands of items a
-        second): keys in order, no ``Usage`` objects, one ``putmulti``.  About
-        half the CPU per item of a ``usage``/``put_usage`` pair each.  Returns
-        the number of records written.
+        second): keys in order, no ``Usage`` objects, one ``putmulti`` per
+        slice of ids.  Ids are sorted as plain strings: sorting ``(cube, id)``
+        tuples took 7-8 ms for 6,000 items here, in one C call that holds the
+        GIL (a search waiting for it meanwhile); strings sort 10x faster.
+        ``pause`` (if given) runs between slices, outside any C call: the
+        engine passes a GIL yield, so a long flush lets the request thread in.
+        Returns the number of records written.
         """
         latest_db, usage_db = self.dbs["latest"], self.dbs["usage"]
         get = self.txn.get
-        out: list[tuple[bytes, bytes]] = []
-        for (cube, item_id), (hits, last_us) in sorted(pending.items()):
-            key = keys.item_key(cube, item_id)
-            if get(key, db=latest_db) is None:
-                continue
-            raw = get(key, db=usage_db)
-            old = _NO_USAGE if raw is None else _decode_usage(bytes(raw))
-            out.append((key, _usage_record(old.hits + hits, last_us, old.heat)))
-        if out:
-            with self.txn.cursor(db=usage_db) as cur:
-                cur.putmulti(out)
-        return len(out)
+        written = 0
+        with self.txn.cursor(db=usage_db) as cur:
+            for cube in sorted(pending):
+                counts = pending[cube]
+                prefix = keys.cube_prefix(cube)
+                ids = sorted(counts)
+                for start in range(0, len(ids), _HITS_PER_SLICE):
+                    out: list[tuple[bytes, bytes]] = []
+                    for item_id in ids[start : start + _HITS_PER_SLICE]:
+                        key = prefix + item_id.encode()
+                        if get(key, db=latest_db) is None:
+                            continue
+                        hits, last_us = counts[item_id]
+                        raw = get(key, db=usage_db)
+                        if raw is None:
+                            out.append((key, _usage_record(hits, last_us, 0.0)))
+                        else:
+                            old_hits, _, heat = _usage_fields(raw)
+                            out.append((key, _usage_record(old_hits + hits, last_us, heat)))
+                    if out:
+                        cur.putmulti(out)
+                        written += len(out)
+                    if pause is not None:
+                        pause()
+        return written
 
     def put_usage(self, cube: str, item_id: str, usage: Usage) -> None:
         self.txn.put(
@@ -536,7 +558,7 @@ def _has_class(found: tuple[str, str, str], wanted: tuple[str | None, ...]) -> b
     return all(w is None or w == f for f, w in zip(found, wanted, strict=True))
 
 
-_NO_USAGE: Final = Usage()
+_HITS_PER_SLICE: Final = 64  # usage records per putmulti / pause in add_hits
 
 
 def _usage_record(hits: int, last_hit_us: int | None, heat: float) -> bytes:
@@ -544,9 +566,15 @@ def _usage_record(hits: int, last_hit_us: int | None, heat: float) -> bytes:
     return codec.packb([hits, last_hit_us, heat])
 
 
-def _decode_usage(raw: bytes) -> Usage:
+def _usage_fields(raw: bytes | memoryview) -> tuple[int, int | None, float]:
+    """A ``usage`` DB value's (hits, last hit us, heat), without a ``Usage``."""
     hits, last_hit_us, heat = codec.unpackb(raw)
-    return Usage(hits=int(hits), last_hit_us=last_hit_us, heat=float(heat))
+    return int(hits), last_hit_us, float(heat)
+
+
+def _decode_usage(raw: bytes) -> Usage:
+    hits, last_hit_us, heat = _usage_fields(raw)
+    return Usage(hits=hits, last_hit_us=last_hit_us, heat=heat)
 
 
 # MemoryItem's slots (member descriptors): _replace_usage copies an item field

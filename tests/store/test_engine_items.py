@@ -191,6 +191,30 @@ def test_flushed_hits_add_up_keep_heat_and_skip_items_gone(engine: Engine) -> No
     assert engine._read(lambda view: view.usage("notes", "01M80PSCB9NQEF9VE49P0A27P0")) is None
 
 
+def test_hits_flush_in_slices_over_cubes_with_a_pause_between(engine: Engine) -> None:
+    engine.create_cube("other", owner="alice")
+    # More items than one slice, hit in an order unlike the key order.
+    notes = engine.atomic(lambda p: [p.add("notes", f"n{i}").id for i in range(150)])
+    others = engine.atomic(lambda p: [p.add("other", f"o{i}").id for i in range(70)])
+    hit_notes = notes[::-1] + notes[::3]  # every item once, each third one twice
+    engine.record_hits("notes", hit_notes, now_us=40)
+    engine.record_hits("other", others, now_us=41)
+    with engine._usage_lock:
+        pending, engine._pending_hits = engine._pending_hits, {}
+    pauses: list[int] = []
+    engine._write_txn(
+        lambda view: pauses.append(view.add_hits(pending, pause=lambda: pauses.append(-1)))
+    )
+    assert pauses[-1] == 150 + 70  # every record written
+    # One pause per slice: ceil(150 / 64) + ceil(70 / 64).
+    assert pauses.count(-1) == 3 + 2
+    twice = set(notes[::3])
+    for item_id in notes:
+        want = 1 + (item_id in twice)
+        assert engine.get("notes", item_id).usage == Usage(hits=want, last_hit_us=40)
+    assert {engine.get("other", i).usage.hits for i in others} == {1}
+
+
 def test_usage_hits_are_batched_without_new_versions(engine: Engine) -> None:
     item = engine.add("notes", "hot")
     lsn = engine.status()["last_lsn"]
