@@ -27,7 +27,8 @@ Measured:
   (including the IPC round trip); mem0 inside its own process.  All systems
   are up at once and each size's queries are timed in alternating rounds
   (after the daemon's post-load work has settled), so machine noise lands
-  on all of them alike.
+  on all of them alike; each system's round starts with one untimed query
+  (it sat idle while the others ran).
 * **LoCoMo** turn-level evidence recall@5/@10 (the metric and loader of
   bench/locomo.py), same texts, same MiniLM embedder.
 * **memory**: RSS of the serving process (memosd daemon, mem0 worker) after
@@ -515,13 +516,21 @@ def section_search(tmp: Path, stores: list[str], out: dict[str, Any]) -> None:
             samples: dict[str, list[float]] = {name: [] for name in ("dense", "hybrid", *peers)}
             for r in range(rounds):
                 chunk = qtexts[r::rounds]
+                # Each system sat idle while the others ran: one untimed
+                # query first, so no round starts with a wake-up from idle
+                # (2.5x a query in a stream through the daemon; noted in
+                # docs/bench-notes/compare.md).
+                warm = qtexts[(r + 1) % len(qtexts)]
                 for mode in ("dense", "hybrid"):
+                    c.search("big", warm, k=K, mode=mode)
                     for q in chunk:
                         t = time.perf_counter()
                         c.search("big", q, k=K, mode=mode)
                         samples[mode].append(time.perf_counter() - t)
                 for store, peer in peers.items():
-                    got = peer.call({"op": "search_many", "queries": chunk, "k": K})
+                    got = peer.call(
+                        {"op": "search_many", "queries": [warm, *chunk], "k": K, "untimed": 1}
+                    )
                     samples[store].extend(got["latencies"])
             for mode in ("dense", "hybrid"):
                 record(f"memosd {mode}", size, samples[mode], daemon.pid, index=kind, load_s=load_s)
