@@ -77,7 +77,7 @@ from memosd.store.records import (
     decode_record,
     encode_atomic,
 )
-from memosd.store.view import StoreView, TokenRecord
+from memosd.store.view import HitCounts, StoreView, TokenRecord
 from memosd.wal import WalRecord, WriteAheadLog
 from memosd.wal.fileio import FileIO
 
@@ -202,9 +202,7 @@ class Engine:
         self._stop_housekeeper = threading.Event()
         self._usage_lock = threading.Lock()
         self._caches = StoreCaches()
-        # {cube: {item id: (hits, last hit us)}}: nested, so the flush sorts
-        # plain id strings (see StoreView.add_hits) and a hit costs no tuple.
-        self._pending_hits: dict[str, dict[str, tuple[int, int]]] = {}
+        self._pending_hits = HitCounts()
         self._failure: MemosError | None = None
         self._background_checkpoint: threading.Thread | None = None
         self._closed = False
@@ -729,7 +727,7 @@ class Engine:
 
     def _flush_usage(self) -> None:
         with self._usage_lock:
-            pending, self._pending_hits = self._pending_hits, {}
+            pending, self._pending_hits = self._pending_hits, HitCounts()
         if not pending:
             return
 
@@ -1188,12 +1186,7 @@ class Engine:
         """Count search hits; flushed to LMDB in batches, never one WAL record per hit."""
         at = now_us if now_us is not None else self._clock()
         with self._usage_lock:
-            counts = self._pending_hits.get(cube)
-            if counts is None:
-                counts = self._pending_hits[cube] = {}
-            for item_id in item_ids:
-                old = counts.get(item_id)
-                counts[item_id] = (1 if old is None else old[0] + 1, at)
+            self._pending_hits.add(cube, item_ids, at)
 
 
 def _yield_gil() -> None:

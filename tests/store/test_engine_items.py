@@ -10,6 +10,7 @@ import pytest
 from memosd.engine import ChangeEvent, Engine, EngineSettings
 from memosd.errors import BadRequest, Conflict, NotFound, TooLarge
 from memosd.memcube.model import CubeConfig, Usage
+from memosd.store.view import HitCounts
 
 
 class FakeClock:
@@ -200,7 +201,7 @@ def test_hits_flush_in_slices_over_cubes_with_a_pause_between(engine: Engine) ->
     engine.record_hits("notes", hit_notes, now_us=40)
     engine.record_hits("other", others, now_us=41)
     with engine._usage_lock:
-        pending, engine._pending_hits = engine._pending_hits, {}
+        pending, engine._pending_hits = engine._pending_hits, HitCounts()
     pauses: list[int] = []
     engine._write_txn(
         lambda view: pauses.append(view.add_hits(pending, pause=lambda: pauses.append(-1)))
