@@ -161,7 +161,14 @@ def engine_rate_in_flight(
 
 
 class _NoSyncIO(OsFileIO):
-    """The real files with ``fdatasync`` stubbed out: what is left is the CPU path."""
+    """The real files with ``fdatasync`` stubbed out: what is left is the CPU path.
+
+    The write-out hint goes too: it starts the device I/O that the fdatasync
+    would otherwise start, so it belongs with it.
+    """
+
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        pass
 
     def fdatasync(self, fd: int) -> None:
         pass

@@ -47,7 +47,12 @@ What is fsynced when
   threads) is one positional ``write`` at the end of the records, then one
   ``fdatasync`` of the segment.  Callers are released only after that
   fdatasync returned.  Only one batch is in flight at a time, so at any
-  moment at most one unsynced write exists.
+  moment at most one unsynced write exists.  A caller that has work to do
+  before the fdatasync (``append_batch(while_syncing=...)``: the storage
+  engine's change log) first starts the write-out of the batch
+  (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, a hint that makes nothing
+  durable), so the device writes while it works; the fdatasync then only
+  waits for the rest.
 * Zero fill: when a batch would end past the end of the file, the same
   write carries zeros after it, as many as the segment already holds (64 KiB
   to 1 MiB, never past ``segment_bytes``), synced by the same fdatasync.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -432,12 +432,24 @@ class WriteAheadLog:
         self._wait_durable(lsn)
         return lsn
 
-    def append_batch(self, records: Sequence[tuple[int, bytes]]) -> list[int]:
+    def append_batch(
+        self,
+        records: Sequence[tuple[int, bytes]],
+        *,
+        while_syncing: Callable[[int], None] | None = None,
+    ) -> list[int]:
         """Append ``(rtype, payload)`` records with consecutive LSNs, one fdatasync.
 
         Returns their LSNs once all are durable.  The batch is written in one
         write into one segment (never split), possibly together with records
         of concurrent callers.
+
+        ``while_syncing(first_lsn)`` runs in this thread once the records are
+        written and their write-out has started, before the fdatasync: work
+        that needs the LSNs but not durability overlaps the device's write
+        (the storage engine writes its change log there).  Nothing is
+        durable, or acknowledged, while it runs.  If it raises, the batch is
+        still synced and the error propagates once the records are durable.
         """
         for rtype, payload in records:
             _check_record(rtype, payload)
@@ -459,9 +471,19 @@ class WriteAheadLog:
             else:
                 self._queue.append(data)
         last = first + len(records) - 1
+        callback_error: BaseException | None = None
         if lead:
-            self._lead(data, first, last)
+            self._lead(data, first, last, while_syncing)
+        elif while_syncing is not None:
+            # Queued behind another leader: the records may not even be
+            # written yet, which the callback must not rely on either way.
+            try:
+                while_syncing(first)
+            except BaseException as exc:
+                callback_error = exc
         self._wait_durable(last)
+        if callback_error is not None:
+            raise callback_error
         return list(range(first, last + 1))
 
     def _wait_durable(self, lsn: int) -> None:
@@ -484,9 +506,16 @@ class WriteAheadLog:
                 self._io_owned = True
             self._lead(batch, first_lsn, last_lsn)
 
-    def _lead(self, batch: bytes, first_lsn: int, last_lsn: int) -> None:
+    def _lead(
+        self,
+        batch: bytes,
+        first_lsn: int,
+        last_lsn: int,
+        while_syncing: Callable[[int], None] | None = None,
+    ) -> None:
+        callback_error: BaseException | None = None
         try:
-            self._write_batch(batch, first_lsn, last_lsn)
+            callback_error = self._write_batch(batch, first_lsn, last_lsn, while_syncing)
         except BaseException as exc:
             # Nothing in this batch is acknowledged; nobody ever writes again.
             self._discard_unsynced_tail()
@@ -501,8 +530,17 @@ class WriteAheadLog:
             self._io_owned = False
             self._durable_lsn = last_lsn
             self._cond.notify_all()
+        if callback_error is not None:
+            raise callback_error
 
-    def _write_batch(self, batch: bytes, first_lsn: int, last_lsn: int) -> None:
+    def _write_batch(
+        self,
+        batch: bytes,
+        first_lsn: int,
+        last_lsn: int,
+        while_syncing: Callable[[int], None] | None,
+    ) -> BaseException | None:
+        """Write and sync one batch; returns what ``while_syncing`` raised, if anything."""
         assert self._active_fd is not None
         if self._active_size >= self._segment_bytes and self._active_has_records():
             self._rotate(first_lsn)
@@ -520,10 +558,18 @@ class WriteAheadLog:
         _write_all(self._io, self._active_fd, batch, offset)
         self._active_size = end
         self._active_file_size = max(self._active_file_size, offset + len(batch))
+        callback_error: BaseException | None = None
+        if while_syncing is not None:
+            self._io.start_writeback(self._active_fd, offset, len(batch))
+            try:
+                while_syncing(first_lsn)
+            except BaseException as exc:
+                callback_error = exc
         if self._ack_before_sync:
-            return
+            return callback_error
         self._io.fdatasync(self._active_fd)
         self._active_durable_size = end
+        return callback_error
 
     def _active_has_records(self) -> bool:
         return self._active_size > SEGMENT_HEADER_SIZE

@@ -147,6 +147,11 @@ class SimulatedDisk:
             inode.current[offset : offset + len(data)] = data
             return len(data)
 
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        """A write-out hint guarantees nothing on power loss: nothing changes."""
+        with self._lock:
+            self._fd(fd)
+
     def fdatasync(self, fd: int) -> None:
         with self._lock:
             self._record("fdatasync", fd)

@@ -27,6 +27,7 @@ def _fill(engine: Engine, n: int) -> list[str]:
         ("fdatasync", errno.ENOSPC, DiskFullError),
         ("write", errno.EIO, WalFailedError),
         ("write", errno.ENOSPC, DiskFullError),
+        ("start_writeback", errno.EIO, WalFailedError),
     ],
 )
 def test_wal_failure_poisons_engine_and_recovery_keeps_every_ack(
@@ -140,3 +141,56 @@ def test_stale_reader_slot_of_a_killed_process_is_cleared(tmp_path: Path) -> Non
         assert engine.store.env.reader_check() == 0  # already cleared at open
         engine.add("c", "still writable")
         assert len(engine.list_items("c")) == 11
+
+
+def _fail_change_log_once(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> list[int]:
+    """Make the next change-log write (the one beside the WAL's fdatasync) raise ``exc``."""
+    import memosd.engine as engine_module
+
+    real = engine_module._record_logged
+    calls: list[int] = []
+
+    def flaky(view: object, events: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise exc
+        real(view, events, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "_record_logged", flaky)
+    return calls
+
+
+def test_a_full_map_while_the_wal_syncs_applies_the_logged_batch_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmdb
+
+    with Engine.open(tmp_path) as engine:
+        engine.create_cube("c", owner="uid:0")
+        before = engine.last_lsn
+        size = engine.status()["lmdb_map_size"]
+        calls = _fail_change_log_once(monkeypatch, lmdb.MapFullError("injected"))
+        item = engine.add("c", "logged before the map filled")
+        assert len(calls) == 2  # re-applied once, after growing the map
+        assert engine.status()["lmdb_map_size"] > size
+        assert engine.healthy
+        assert engine.last_lsn == before + 1  # logged once, not re-planned
+        assert engine.applied_lsn == before + 1
+        assert [(e.item_id, e.lsn) for e in engine.changes_since(before)] == [(item.id, before + 1)]
+        assert engine.get("c", item.id).text == "logged before the map filled"
+
+
+def test_a_failing_change_log_write_poisons_but_keeps_the_durable_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Engine.open(tmp_path) as engine:
+        engine.create_cube("c", owner="uid:0")
+        _fail_change_log_once(monkeypatch, RuntimeError("a bug"))
+        item = engine.add("c", "durable in the WAL")  # acknowledged: it is durable
+        assert not engine.healthy
+        with pytest.raises(Unavailable):
+            engine.add("c", "refused")
+    monkeypatch.undo()
+    with Engine.open(tmp_path) as reopened:  # recovery applies it from the WAL
+        assert reopened.get("c", item.id).text == "durable in the WAL"
+        assert reopened.healthy

@@ -297,6 +297,112 @@ def test_append_batch_is_one_write_and_one_fdatasync(tmp_path: Path) -> None:
         assert wal.append_batch([]) == []
 
 
+class OrderIO(CountingFileIO):
+    """Records the order of writes, write-out hints and fdatasyncs."""
+
+    def __init__(self) -> None:
+        super().__init__(OsFileIO())
+        self.order: list[str] = []
+
+    def _before(self, op: str) -> None:
+        super()._before(op)
+        if op in ("write", "start_writeback", "fdatasync"):
+            self.order.append(op)
+
+
+def test_while_syncing_runs_between_the_write_and_the_fdatasync(tmp_path: Path) -> None:
+    io = OrderIO()
+    with WriteAheadLog.open(tmp_path, io=io) as wal:
+        wal.append(1, b"before")
+        io.order.clear()
+        seen: list[tuple[int, int]] = []
+
+        def during(first_lsn: int) -> None:
+            io.order.append("callback")
+            seen.append((first_lsn, wal.durable_lsn))
+
+        assert wal.append_batch([(1, b"a"), (1, b"b")], while_syncing=during) == [2, 3]
+        assert io.order == ["write", "start_writeback", "callback", "fdatasync"]
+        assert seen == [(2, 1)]  # the batch's first LSN; nothing of it durable yet
+        assert wal.durable_lsn == 3
+        io.order.clear()
+        wal.append_batch([(1, b"c")])  # no callback: no hint either
+        assert io.order == ["write", "fdatasync"]
+
+
+def test_a_failing_while_syncing_still_syncs_the_batch(tmp_path: Path) -> None:
+    io = OrderIO()
+    with WriteAheadLog.open(tmp_path, io=io) as wal:
+        io.order.clear()
+
+        def during(first_lsn: int) -> None:
+            raise KeyError("boom")
+
+        with pytest.raises(KeyError):
+            wal.append_batch([(1, b"kept")], while_syncing=during)
+        assert io.order[-1] == "fdatasync"
+        assert wal.durable_lsn == 1
+        assert wal.append(1, b"next") == 2  # the log is not poisoned
+    with WriteAheadLog.open(tmp_path) as reopened:
+        assert [r.payload for r in reopened.replay(0)] == [b"kept", b"next"]
+
+
+def test_while_syncing_of_a_queued_batch_runs_before_it_is_durable(tmp_path: Path) -> None:
+    class HeldSyncIO(CountingFileIO):
+        def __init__(self) -> None:
+            super().__init__(OsFileIO())
+            self.in_sync = threading.Event()
+            self.release = threading.Event()
+            self.armed = False
+
+        def fdatasync(self, fd: int) -> None:
+            if self.armed:
+                self.armed = False
+                self.in_sync.set()
+                assert self.release.wait(timeout=10)
+            super().fdatasync(fd)
+
+    io = HeldSyncIO()
+    with WriteAheadLog.open(tmp_path, io=io) as wal:
+        io.armed = True
+        leader = threading.Thread(target=wal.append, args=(1, b"first"))
+        leader.start()
+        assert io.in_sync.wait(timeout=10)
+        seen: list[tuple[int, int]] = []
+
+        def during(first_lsn: int) -> None:
+            seen.append((first_lsn, wal.durable_lsn))
+            io.release.set()
+
+        assert wal.append_batch([(1, b"second")], while_syncing=during) == [2]
+        leader.join()
+        assert seen == [(2, 0)]
+        assert wal.durable_lsn == 2
+
+
+def test_the_os_writeback_hint_is_harmless_and_drops_itself_where_unsupported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(OsFileIO, "_sync_file_range", None)
+    monkeypatch.setattr(OsFileIO, "_sync_file_range_loaded", False)
+    io = OsFileIO()
+    fd = io.open_write(str(tmp_path / "f"))
+    try:
+        assert io.write(fd, b"x" * 4096, 0) == 4096
+        io.start_writeback(fd, 0, 4096)
+        io.fdatasync(fd)
+    finally:
+        io.close(fd)
+    read_end, write_end = os.pipe()
+    try:
+        io.start_writeback(write_end, 0, 1)  # ESPIPE (or no such call): no error
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    if OsFileIO._sync_file_range_loaded and os.uname().sysname == "Linux":
+        assert OsFileIO._sync_file_range is None  # dropped after "unsupported"
+
+
 def test_oversized_payload_and_bad_type_are_refused_without_using_an_lsn(tmp_path: Path) -> None:
     with WriteAheadLog.open(tmp_path) as wal:
         with pytest.raises(TooLarge):

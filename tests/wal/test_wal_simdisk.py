@@ -42,6 +42,15 @@ def test_unsynced_write_may_be_dropped_kept_torn_or_zeroed() -> None:
     assert all(s.startswith(b"synced") for s in seen)
 
 
+def test_a_writeback_hint_makes_nothing_durable() -> None:
+    disk, fd = durable_setup()
+    disk.write(fd, b"-pending", 6)
+    disk.start_writeback(fd, 6, 8)
+    seen = {image.read_file("/d/f") for image in images(disk)}
+    assert b"synced" in seen  # still may be dropped
+    assert b"synced-pending" in seen
+
+
 def test_new_file_needs_a_directory_fsync() -> None:
     disk, _fd = durable_setup()
     fd = disk.open_write("/d/g")
