@@ -469,7 +469,7 @@ class Engine:
             ]
             # The change log needs the LSNs but not durability: it is written
             # into the transaction while the device writes the records
-            # (``while_syncing``), which hides ~10 us of a lone writer's add.
+            # (``while_syncing``), which hides 10-20 us of a lone writer's add.
             # Its failure (a full map, most likely) must not lose the batch,
             # which is logged by then: the commit below starts over instead.
             overlap = _ChangeLogWrite(shared, logged)
@@ -483,10 +483,10 @@ class Engine:
                 for op, _ in outcomes:
                     op.fail(_copy_error(exc))
                 return True
+            events = overlap.events if overlap.events is not None else overlap.make_events()
         except BaseException:
             txn.abort()
             raise
-        events = overlap.events if overlap.events is not None else overlap.make_events()
         try:
             mutations = [(m, p) for entries in logged for m, _, p in entries]
             if overlap.error is not None:
