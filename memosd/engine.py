@@ -523,26 +523,13 @@ class Engine:
         batch must not be lost or re-planned: grow the map and apply the same
         logged mutations again.
         """
-        try:
-            if txn is None:
-                raise lmdb.MapFullError("the change log did not fit")
-            self.store.commit(txn)
-        except lmdb.MapFullError:
-            while True:
-                self.store.grow_map()
-                txn = self.store.begin_write()
-                try:
-                    view = StoreView(txn, self.store.dbs)
-                    for mutation, payload in mutations:
-                        view.apply(mutation, payload)
-                    _record_logged(view, events)
-                    self.store.commit(txn)
-                    break
-                except lmdb.MapFullError:
-                    continue
-                finally:
-                    # commit() consumed the txn on success; abort is a no-op then.
-                    txn.abort()
+        if txn is None:
+            view = self._reapply_logged(mutations, events)
+        else:
+            try:
+                self.store.commit(txn)
+            except lmdb.MapFullError:
+                view = self._reapply_logged(mutations, events)
         # Checked every few commits (env.info() per commit is measurable); a
         # map that fills up in between is grown on MapFullError anyway.
         self._commits_since_headroom_check += 1
@@ -552,6 +539,26 @@ class Engine:
                 new_size = self.store.grow_map()
                 _log.info("LMDB map grown", map_size=new_size)
         return view.released_blobs
+
+    def _reapply_logged(
+        self, mutations: list[tuple[Mutation, bytes]], events: list[ChangeEvent]
+    ) -> StoreView:
+        """Grow the map and apply a logged batch in a fresh transaction until it fits."""
+        while True:
+            self.store.grow_map()
+            txn = self.store.begin_write()
+            try:
+                view = StoreView(txn, self.store.dbs)
+                for mutation, payload in mutations:
+                    view.apply(mutation, payload)
+                _record_logged(view, events)
+                self.store.commit(txn)
+                return view
+            except lmdb.MapFullError:
+                continue
+            finally:
+                # commit() consumed the txn on success; abort is a no-op then.
+                txn.abort()
 
     def _release_blobs(self, shas: Iterable[str]) -> None:
         """Delete blob files no stored version references any more (after commit)."""
