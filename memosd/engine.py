@@ -543,22 +543,16 @@ class Engine:
     def _reapply_logged(
         self, mutations: list[tuple[Mutation, bytes]], events: list[ChangeEvent]
     ) -> StoreView:
-        """Grow the map and apply a logged batch in a fresh transaction until it fits."""
-        while True:
-            self.store.grow_map()
-            txn = self.store.begin_write()
-            try:
-                view = StoreView(txn, self.store.dbs)
-                for mutation, payload in mutations:
-                    view.apply(mutation, payload)
-                _record_logged(view, events)
-                self.store.commit(txn)
-                return view
-            except lmdb.MapFullError:
-                continue
-            finally:
-                # commit() consumed the txn on success; abort is a no-op then.
-                txn.abort()
+        """Grow the map, then apply a logged batch in a fresh transaction (growing
+        again while it does not fit)."""
+        self.store.grow_map()
+
+        def apply(view: StoreView) -> None:
+            for mutation, payload in mutations:
+                view.apply(mutation, payload)
+            _record_logged(view, events)
+
+        return self._write_txn(apply)
 
     def _release_blobs(self, shas: Iterable[str]) -> None:
         """Delete blob files no stored version references any more (after commit)."""
