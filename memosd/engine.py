@@ -78,6 +78,7 @@ from memosd.store.records import (
     VersionPut,
     decode_record,
     encode_atomic,
+    encode_mutation,
 )
 from memosd.store.view import HitCounts, StoreView, TokenRecord
 from memosd.wal import WalRecord, WriteAheadLog
@@ -95,6 +96,7 @@ _GRANT_LEVELS: Final = ("read", "write")
 _REPLAY_TXN_RECORDS: Final = 2048
 _FREE_SPACE_RECHECK_S: Final = 0.05
 _HEADROOM_CHECK_COMMITS: Final = 16
+_WRITE_KINDS: Final = frozenset({"write", "add"})
 _log = structlog.get_logger("memosd.engine")
 
 T = TypeVar("T")
@@ -125,6 +127,13 @@ class EngineSettings:
     # runs in the writer's transaction, so after a bulk load of N items an
     # unbounded prune held every write up for all N deletes.
     prune_batch: int = 20_000
+    # Deferred adds (Engine.add): acknowledged once durable in the WAL, kept
+    # in memory (and served from there) until LMDB applies them in one
+    # transaction: once this many are waiting, once the oldest has waited
+    # deferred_add_max_s, before any other write, scan, checkpoint or close.
+    # 0 turns them off (every add is applied before it is acknowledged).
+    deferred_adds: int = 256
+    deferred_add_max_s: float = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +163,21 @@ class _Work(NamedTuple):
     """One submission to the group committer (a tuple: built once per write,
     a frozen dataclass costs ~0.4 us more)."""
 
-    kind: str  # "write" | "side" | "checkpoint" | "housekeeping" | "stop"
+    kind: str  # "write" | "add" | "side" | "flush" | "checkpoint" | "housekeeping" | "stop"
     plan: Plan | None = None
     side: Callable[[StoreView], None] | None = None
+    # kind "add" (a deferrable Engine.add): (cube, text, fields); ``plan``
+    # does the same add the usual way, when the batch holds other writes.
+    add: tuple[str, str, dict[str, Any]] | None = None
+
+
+class _DeferredAdd(NamedTuple):
+    """An acknowledged add that LMDB has not applied yet (Engine._deferred)."""
+
+    lsn: int
+    item: MemoryItem
+    mutation: ItemPut
+    payload: bytes
 
 
 _Op = Submission["_Work"]
@@ -202,6 +223,13 @@ class Engine:
             self._process_batch, max_batch=settings.max_batch
         )
         self._stop_housekeeper = threading.Event()
+        # Set when deferred adds start waiting: the housekeeper has them
+        # applied soon even if no further write or read comes.
+        self._housekeeper_wake = threading.Event()
+        # Acknowledged adds LMDB has not applied yet, in LSN order; written by
+        # the leader only, read (plain dict lookups) by any reader.
+        self._deferred: dict[tuple[str, str], _DeferredAdd] = {}
+        self._deferred_since = 0.0
         self._usage_lock = threading.Lock()
         self._caches = StoreCaches()
         self._pending_hits = HitCounts()
@@ -331,12 +359,20 @@ class Engine:
 
     def _process_batch(self, batch: list[_Op]) -> None:
         """Run one group-commit batch (in the current leader's thread)."""
-        writes = [op for op in batch if op.payload.kind == "write"]
+        writes = [op for op in batch if op.payload.kind in _WRITE_KINDS]
         if writes:
-            self._run_batch(writes)
+            if self.settings.deferred_adds > 0 and all(op.payload.kind == "add" for op in writes):
+                self._run_adds(writes)
+            else:
+                # Anything else may read what the deferred adds wrote.
+                self._apply_deferred()
+                self._run_batch(writes)
         for op in batch:
             kind = op.payload.kind
-            if kind == "checkpoint":
+            if kind == "flush":
+                self._apply_deferred()
+                op.resolve(None)
+            elif kind == "checkpoint":
                 self._run_checkpoint_op(op)
             elif kind == "side":
                 assert op.payload.side is not None
@@ -354,21 +390,128 @@ class Engine:
                 op.resolve(None)
 
     def _housekeeper_loop(self) -> None:
-        """Give idle engines their periodic usage flush and checkpoint."""
+        """Give idle engines their periodic usage flush and checkpoint, and
+        deferred adds their application once they have waited a while."""
         interval = max(
             0.05, min(self.settings.usage_flush_interval_s, self.settings.checkpoint_interval_s)
         )
-        while not self._stop_housekeeper.wait(interval):
+        linger = max(0.01, 4 * self.settings.deferred_add_max_s)
+        while True:
+            if self._housekeeper_wake.wait(interval):
+                self._housekeeper_wake.clear()
+                # Deferred adds are waiting: give the writer time to apply
+                # them itself (it does once they are deferred_add_max_s old).
+                if self._stop_housekeeper.wait(linger):
+                    return
+            if self._stop_housekeeper.is_set():
+                return
             try:
                 self._committer.submit(_Work("housekeeping"))
             except Exception:
                 _log.exception("housekeeping failed")
 
-    def _run_batch(self, ops: list[_Op]) -> None:
+    def _run_adds(self, ops: list[_Op]) -> None:
+        """A batch of nothing but deferrable adds: acknowledged once durable.
+
+        Each add is planned against a read snapshot (an add only reads its
+        cube, and a cube is never changed by a deferred write), logged in one
+        WAL batch like any other, then kept in ``_deferred``, from which
+        reads serve it, and acknowledged.  LMDB applies the deferred adds
+        later, many per transaction (:meth:`_apply_deferred`): a lone
+        writer's add then costs no LMDB transaction of its own, no commit,
+        and a fraction of the pages a commit writes.
+        """
+        if not self._writes_allowed(ops):
+            return
+        planned: list[tuple[_Op, MemoryItem, ItemPut, int, bytes]] = []
+        with self.store.read() as txn:
+            view = StoreView(txn, self.store.dbs, self._caches)
+            for op in ops:
+                assert op.payload.add is not None
+                cube, text, fields = op.payload.add
+                planner = Planner(
+                    view,
+                    self._now_us(),
+                    new_id=self._ids,
+                    max_text_bytes=self.settings.max_text_bytes,
+                )
+                try:
+                    item = planner.new_item(cube, text, **fields)
+                    mutation = ItemPut(item)
+                    rtype, payload = encode_mutation(mutation)
+                except MemosError as exc:
+                    op.fail(exc)
+                    continue
+                except Exception as exc:  # a bug must not kill the leader
+                    _log.exception("write plan failed")
+                    op.fail(StorageError(f"write failed: {exc}", reason="internal"))
+                    continue
+                planned.append((op, item, mutation, rtype, payload))
+        if not planned:
+            return
+        try:
+            lsns = self.wal.append_batch([(rtype, payload) for *_, rtype, payload in planned])
+        except (WalFailedError, DiskFullError) as exc:
+            self._poison(exc)
+            for op, *_ in planned:
+                op.fail(_copy_error(exc))
+            return
+        self._wal_bytes_since_checkpoint += sum(len(p) + 17 for *_, p in planned)
+        deferred = self._deferred
+        if not deferred:
+            self._deferred_since = time.monotonic()
+            self._housekeeper_wake.set()
+        for (op, item, mutation, _, payload), lsn in zip(planned, lsns, strict=True):
+            deferred[(item.cube, item.id)] = _DeferredAdd(lsn, item, mutation, payload)
+            op.resolve(item)
+
+    def _apply_deferred(self) -> None:
+        """Apply every deferred add to LMDB in one transaction (leader only).
+
+        They are removed from ``_deferred`` only once committed: a reader
+        looks there first and then opens its snapshot, so it finds each add
+        in one or the other (and compares LSNs when in both, see ``get``).
+        Their change events go out now.  On failure they stay durable in the
+        WAL (recovery applies them) and the engine refuses further writes.
+        """
+        deferred = self._deferred
+        if not deferred or self._failure is not None:
+            return
+        entries = list(deferred.values())
+        events = [_event_for(entry.mutation, entry.lsn) for entry in entries]
+
+        def apply(view: StoreView) -> None:
+            for entry in entries:
+                view.apply(entry.mutation, entry.payload)
+            _record_logged(view, events)
+
+        try:
+            self._write_txn(apply)
+        except MemosError as exc:
+            self._poison(exc)
+            return
+        self._txns_since_checkpoint += 1
+        for entry in entries:
+            del deferred[entry.item.cube, entry.item.id]
+        self._resolve([], events)
+
+    def _deferred_due(self) -> bool:
+        return bool(self._deferred) and (
+            len(self._deferred) >= self.settings.deferred_adds
+            or time.monotonic() - self._deferred_since >= self.settings.deferred_add_max_s
+        )
+
+    def _flush_deferred(self) -> None:
+        """Have the deferred adds applied before a scan of LMDB (blocks)."""
+        if self._deferred and self._failure is None and not self._closed:
+            self._committer.submit(_Work("flush"))
+
+    def _writes_allowed(self, ops: list[_Op]) -> bool:
+        """Fail ``ops`` (False) if the engine refuses writes or the disk is nearly full."""
         if self._failure is not None:
             for op in ops:
                 op.fail(_copy_error(self._failure))
-            return
+            return False
         if not self._enough_free_space():
             err = DiskFullError(
                 "not enough free disk space for writes "
@@ -376,6 +519,11 @@ class Engine:
             )
             for op in ops:
                 op.fail(_copy_error(err))
+            return False
+        return True
+
+    def _run_batch(self, ops: list[_Op]) -> None:
+        if not self._writes_allowed(ops):
             return
         isolate = False
         while True:
@@ -605,6 +753,8 @@ class Engine:
         """Flush usage and checkpoint when due; cheap enough to call per batch."""
         if self._failure is not None:
             return
+        if self._deferred_due():
+            self._apply_deferred()
         now = time.monotonic()
         wal_due = (
             self._wal_bytes_since_checkpoint >= self.settings.checkpoint_wal_bytes
@@ -632,6 +782,7 @@ class Engine:
         running = self._background_checkpoint
         if running is not None and running.is_alive():
             return
+        self._apply_deferred()
         applied = self.store.applied_lsn()
         try:
             self._prune_change_log(applied)
@@ -691,6 +842,7 @@ class Engine:
 
     def _checkpoint_now(self, *, clean: bool = False) -> dict[str, Any]:
         self._join_checkpoint()
+        self._apply_deferred()
         applied = self.store.applied_lsn()
         self._prune_change_log(applied)
         state = self.store.checkpoint(applied, clean_shutdown=clean)
@@ -740,6 +892,7 @@ class Engine:
             return view
 
     def _flush_usage(self) -> None:
+        self._apply_deferred()  # hits may count deferred adds
         with self._usage_lock:
             pending, self._pending_hits = self._pending_hits, HitCounts()
         if not pending:
@@ -794,6 +947,7 @@ class Engine:
                 return
             self._closed = True
         self._stop_housekeeper.set()
+        self._housekeeper_wake.set()
         self._housekeeper.join()
         self._committer.submit(_Work("stop"))
         self._committer.close()
@@ -827,7 +981,12 @@ class Engine:
     def get(
         self, cube: str, item_id: str, *, version: int | None = None, as_of_us: int | None = None
     ) -> MemoryItem:
+        # Deferred adds first, then the snapshot (see _apply_deferred).
+        deferred = self._deferred.get((cube, item_id)) if self._deferred else None
+
         def read(view: StoreView) -> MemoryItem:
+            if deferred is not None and view.applied_lsn() < deferred.lsn:
+                return _deferred_version(deferred.item, version, as_of_us)
             view.require_cube(cube)
             if version is not None:
                 item = view.version(cube, item_id, version)
@@ -856,19 +1015,38 @@ class Engine:
         fetches its hits this way instead of one transaction per hit.
         """
 
+        deferred: dict[str, _DeferredAdd] = {}
+        if self._deferred:
+            waiting = self._deferred
+            for item_id in item_ids:
+                entry = waiting.get((cube, item_id))
+                if entry is not None:
+                    deferred[item_id] = entry
+
         def read(view: StoreView) -> list[MemoryItem | None]:
             if not view.has_cube(cube):
                 return [None] * len(item_ids)
             deleted = Status.DELETED
-            return [
+            out = [
                 None if item is None or item.status == deleted else item
                 for item in view.latest_many(cube, item_ids)
             ]
+            if deferred:
+                applied = view.applied_lsn()
+                for index, item_id in enumerate(item_ids):
+                    entry = deferred.get(item_id)
+                    if entry is not None and applied < entry.lsn:
+                        out[index] = entry.item
+            return out
 
         return self._read(read)
 
     def history(self, cube: str, item_id: str) -> list[MemoryItem]:
+        deferred = self._deferred.get((cube, item_id)) if self._deferred else None
+
         def read(view: StoreView) -> list[MemoryItem]:
+            if deferred is not None and view.applied_lsn() < deferred.lsn:
+                return [deferred.item]
             view.require_cube(cube)
             versions = view.history(cube, item_id)
             if not versions:
@@ -889,6 +1067,7 @@ class Engine:
     ) -> list[MemoryItem]:
         if limit < 0:
             raise BadRequest("limit must be >= 0")
+        self._flush_deferred()
 
         def read(view: StoreView) -> list[MemoryItem]:
             view.require_cube(cube)
@@ -931,6 +1110,8 @@ class Engine:
             after = items[-1].id
 
     def count_items(self, cube: str) -> dict[str, int]:
+        self._flush_deferred()
+
         def read(view: StoreView) -> dict[str, int]:
             view.require_cube(cube)
             counts = {str(s): 0 for s in Status}
@@ -953,6 +1134,8 @@ class Engine:
         return self._read(lambda v: v.token_by_hash(token_hash))
 
     def export_cube(self, name: str) -> CubeExport:
+        self._flush_deferred()
+
         def read(view: StoreView) -> CubeExport:
             cube = view.require_cube(name)
             items = [view.history(name, it.id) for it in view.iter_latest(name)]
@@ -992,6 +1175,7 @@ class Engine:
         Conflict(reason="changes_pruned") if the log no longer reaches back
         that far: the consumer must rebuild from the current state.
         """
+        self._flush_deferred()
 
         def read(view: StoreView) -> list[ChangeEvent]:
             horizon = view.meta_u64(b"changes_horizon") or 0
@@ -1086,8 +1270,21 @@ class Engine:
         return self.atomic(lambda p: p.drop_cube(name))
 
     def add(self, cube: str, text: str, **fields: Any) -> MemoryItem:
-        """Add an item (version 1).  Keyword fields as in ``Planner.add``."""
-        return self.atomic(lambda p: p.add(cube, text, **fields))
+        """Add an item (version 1).  Keyword fields as in ``Planner.new_item``.
+
+        Deferred (``EngineSettings.deferred_adds``) unless it carries a
+        ``payload``, which may reference blobs: acknowledged once durable,
+        applied to LMDB with the next few (see ``_run_adds``).
+        """
+        if self.settings.deferred_adds <= 0 or "payload" in fields:
+            return self.atomic(lambda p: p.add(cube, text, **fields))
+        if self._closed:
+            raise Unavailable("the storage engine is closed", reason="closed")
+        if self._failure is not None:
+            raise _copy_error(self._failure)
+        work = _Work("add", lambda p: p.add(cube, text, **fields), add=(cube, text, fields))
+        result: MemoryItem = self._committer.submit(work)
+        return result
 
     def update(self, cube: str, item_id: str, **changes: Any) -> MemoryItem:
         """Write a new version with the given fields changed (``Planner.update``)."""
@@ -1213,6 +1410,20 @@ def _yield_gil() -> None:
     the waiter then starves (measured; docs/bench-notes/compare.md).
     """
     time.sleep(0)
+
+
+def _deferred_version(item: MemoryItem, version: int | None, as_of_us: int | None) -> MemoryItem:
+    """``Engine.get`` of a deferred add (its only version, 1)."""
+    if version is not None:
+        if version != item.version:
+            raise NotFound(f"item {item.id} has no version {version} in cube {item.cube!r}")
+        return item
+    if as_of_us is not None:
+        found = versioning.as_of([item], as_of_us)
+        if found is None:
+            raise NotFound(f"item {item.id} did not exist at {as_of_us} in cube {item.cube!r}")
+        return found
+    return item
 
 
 def _event_for(mutation: Mutation, lsn: int) -> ChangeEvent:

@@ -126,6 +126,17 @@ class Planner:
         self,
         cube: str,
         text: str,
+        **fields: Any,
+    ) -> MemoryItem:
+        """Add an item (version 1); keyword fields as in :meth:`new_item`."""
+        item = self.new_item(cube, text, **fields)
+        self.emit(ItemPut(item))
+        return item
+
+    def new_item(
+        self,
+        cube: str,
+        text: str,
         *,
         actor: str | None = None,
         form: str = "plaintext",
@@ -142,8 +153,10 @@ class Planner:
         parents: Sequence[tuple[str, int]] = (),
         operation: str = Operation.ADD,
     ) -> MemoryItem:
+        """The version 1 :meth:`add` writes, checked against the state but not
+        written (the engine's deferred adds write it later)."""
         self.require_cube(cube)
-        item = versioning.build_new_item(  # versioning.new_item, by position
+        return versioning.build_new_item(  # versioning.new_item, by position
             self._new_id(self.now_us),
             cube,
             self.check_text(text),
@@ -163,8 +176,6 @@ class Planner:
             valid_to_us,
             operation,
         )
-        self.emit(ItemPut(item))
-        return item
 
     def update(
         self,
