@@ -14,13 +14,19 @@ Write path (leader/follower group commit, one batch at a time)::
                              commit the LMDB txn (no fsync: the WAL covers it)
     submit() returns ◀──     resolve every op, notify listeners, hand over
 
-A write is acknowledged only once its WAL record is durable *and* applied to
-LMDB, so a reader never sees a write that a power loss could take back, and a
-writer always reads its own acknowledged writes.  See ``memosd.store`` for
-why relaxed LMDB sync is still safe on power loss, and ``memosd.wal`` for the
-log format.
+A write is acknowledged only once its WAL record is durable *and* readable,
+so a reader never sees a write that a power loss could take back, and a
+writer always reads its own acknowledged writes.  Readable means applied to
+LMDB, except for *deferred adds* (``Engine.add`` without a payload): a batch
+of only those skips the LMDB transaction, keeps the durable adds in a table
+that reads by id consult first, and LMDB applies the table in one
+transaction a few milliseconds later or before anything else needs it
+(``_run_adds``, ``_apply_deferred``; docs/architecture.md).  See
+``memosd.store`` for why relaxed LMDB sync is still safe on power loss, and
+``memosd.wal`` for the log format.
 
-Read path: any thread opens an LMDB read transaction; no writer lock.
+Read path: any thread opens an LMDB read transaction; no writer lock.  Reads
+by id look in the deferred-add table first; scans have it applied first.
 """
 
 from __future__ import annotations
@@ -230,6 +236,8 @@ class Engine:
         # the leader only, read (plain dict lookups) by any reader.
         self._deferred: dict[tuple[str, str], _DeferredAdd] = {}
         self._deferred_since = 0.0
+        self._deferred_last_lsn = 0
+        self._leader_thread: int | None = None
         self._usage_lock = threading.Lock()
         self._caches = StoreCaches()
         self._pending_hits = HitCounts()
@@ -359,6 +367,13 @@ class Engine:
 
     def _process_batch(self, batch: list[_Op]) -> None:
         """Run one group-commit batch (in the current leader's thread)."""
+        self._leader_thread = threading.get_ident()
+        try:
+            self._process_batch_as_leader(batch)
+        finally:
+            self._leader_thread = None
+
+    def _process_batch_as_leader(self, batch: list[_Op]) -> None:
         writes = [op for op in batch if op.payload.kind in _WRITE_KINDS]
         if writes:
             if self.settings.deferred_adds > 0 and all(op.payload.kind == "add" for op in writes):
@@ -461,9 +476,14 @@ class Engine:
         if not deferred:
             self._deferred_since = time.monotonic()
             self._housekeeper_wake.set()
-        for (op, item, mutation, _, payload), lsn in zip(planned, lsns, strict=True):
+        events = []
+        for (_, item, mutation, _, payload), lsn in zip(planned, lsns, strict=True):
             deferred[(item.cube, item.id)] = _DeferredAdd(lsn, item, mutation, payload)
-            op.resolve(item)
+            events.append(_event_for(mutation, lsn))
+        self._deferred_last_lsn = lsns[-1]
+        # Listeners hear of a write once it is acknowledged, as for every
+        # other write; reading it back by id is served from _deferred.
+        self._resolve([(op, item) for op, item, *_ in planned], events)
 
     def _apply_deferred(self) -> None:
         """Apply every deferred add to LMDB in one transaction (leader only).
@@ -471,7 +491,8 @@ class Engine:
         They are removed from ``_deferred`` only once committed: a reader
         looks there first and then opens its snapshot, so it finds each add
         in one or the other (and compares LSNs when in both, see ``get``).
-        Their change events go out now.  On failure they stay durable in the
+        Their change-log entries are written now (listeners heard of them
+        when they were acknowledged).  On failure they stay durable in the
         WAL (recovery applies them) and the engine refuses further writes.
         """
         deferred = self._deferred
@@ -493,7 +514,6 @@ class Engine:
         self._txns_since_checkpoint += 1
         for entry in entries:
             del deferred[entry.item.cube, entry.item.id]
-        self._resolve([], events)
 
     def _deferred_due(self) -> bool:
         return bool(self._deferred) and (
@@ -502,8 +522,17 @@ class Engine:
         )
 
     def _flush_deferred(self) -> None:
-        """Have the deferred adds applied before a scan of LMDB (blocks)."""
-        if self._deferred and self._failure is None and not self._closed:
+        """Have the deferred adds applied before a scan of LMDB (blocks).
+
+        From the leader's own thread (a listener scanning as it hears of a
+        deferred add) it applies them itself: queueing would wait on itself.
+        Plans never get here with adds deferred (their batch applied them).
+        """
+        if not self._deferred or self._failure is not None or self._closed:
+            return
+        if threading.get_ident() == self._leader_thread:
+            self._apply_deferred()
+        else:
             self._committer.submit(_Work("flush"))
 
     def _writes_allowed(self, ops: list[_Op]) -> bool:
@@ -892,11 +921,11 @@ class Engine:
             return view
 
     def _flush_usage(self) -> None:
-        self._apply_deferred()  # hits may count deferred adds
         with self._usage_lock:
             pending, self._pending_hits = self._pending_hits, HitCounts()
         if not pending:
             return
+        self._apply_deferred()  # hits may count deferred adds
 
         def write(view: StoreView) -> None:
             view.add_hits(pending, pause=_yield_gil)
@@ -1151,7 +1180,9 @@ class Engine:
             "failure": None if self._failure is None else self._failure.to_wire(),
             "last_lsn": self.wal.last_lsn,
             "durable_lsn": self.wal.durable_lsn,
-            "applied_lsn": self.store.applied_lsn(),
+            "applied_lsn": self.applied_lsn,
+            "lmdb_applied_lsn": self.store.applied_lsn(),
+            "deferred_adds": len(self._deferred),
             "checkpoint_lsn": None if last is None else last.applied_lsn,
             "wal_segments": len(self.wal.segment_paths()),
             "wal_bytes": self._wal_bytes(),
@@ -1167,7 +1198,14 @@ class Engine:
 
     @property
     def applied_lsn(self) -> int:
-        return self.store.applied_lsn()
+        """Every acknowledged write up to this LSN is readable.
+
+        Deferred adds included: LMDB itself may be behind
+        (``status()["lmdb_applied_lsn"]``).
+        """
+        # Deferred adds first: once the table is empty, LMDB has them all.
+        deferred = self._deferred_last_lsn if self._deferred else 0
+        return max(self.store.applied_lsn(), deferred)
 
     def changes_since(self, after_lsn: int, *, limit: int = 10_000) -> list[ChangeEvent]:
         """Acknowledged changes with LSN > ``after_lsn``, oldest first.

@@ -20,33 +20,49 @@ def _fill(engine: Engine, n: int) -> list[str]:
     return [engine.add("c", f"item {i} " + "z" * 200).id for i in range(n)]
 
 
+# Adds are deferred by default (acknowledged before LMDB applies them) and
+# take a path without the WAL's write-out hint; deferred_adds=0 makes every
+# add a write applied before its acknowledgement, like every other write.
+IMMEDIATE = EngineSettings(deferred_adds=0)
+
+
 @pytest.mark.parametrize(
-    ("op", "err", "exc_type"),
+    ("op", "err", "exc_type", "deferred"),
     [
-        ("fdatasync", errno.EIO, WalFailedError),
-        ("fdatasync", errno.ENOSPC, DiskFullError),
-        ("write", errno.EIO, WalFailedError),
-        ("write", errno.ENOSPC, DiskFullError),
-        ("start_writeback", errno.EIO, WalFailedError),
+        ("fdatasync", errno.EIO, WalFailedError, True),
+        ("fdatasync", errno.EIO, WalFailedError, False),
+        ("fdatasync", errno.ENOSPC, DiskFullError, True),
+        ("fdatasync", errno.ENOSPC, DiskFullError, False),
+        ("write", errno.EIO, WalFailedError, True),
+        ("write", errno.EIO, WalFailedError, False),
+        ("write", errno.ENOSPC, DiskFullError, True),
+        ("write", errno.ENOSPC, DiskFullError, False),
+        ("start_writeback", errno.EIO, WalFailedError, False),
     ],
 )
 def test_wal_failure_poisons_engine_and_recovery_keeps_every_ack(
-    tmp_path: Path, op: str, err: int, exc_type: type[Exception]
+    tmp_path: Path, op: str, err: int, exc_type: type[Exception], deferred: bool
 ) -> None:
+    # Deferred adds wait for nothing but the failure here (no age limit).
+    settings = EngineSettings(deferred_add_max_s=3600) if deferred else IMMEDIATE
     with Engine.open(tmp_path) as engine:
         engine.create_cube("c", owner="uid:0")
         baseline = engine.status()
     # Count the calls a fresh open makes, then fail a few writes later.
     faulty = FaultyFileIO(OsFileIO(), fail_op=op, fail_at_call=10**9, errno=err)
-    with Engine.open(tmp_path, wal_io=faulty) as probe:
+    with Engine.open(tmp_path, wal_io=faulty, settings=settings) as probe:
         opened_calls = faulty.calls[op]
         probe.add("c", "probe")
     acked: list[str] = []
     faulty = FaultyFileIO(OsFileIO(), fail_op=op, fail_at_call=opened_calls + 6, errno=err)
-    engine = Engine.open(tmp_path, wal_io=faulty)
+    engine = Engine.open(tmp_path, wal_io=faulty, settings=settings)
     try:
         for i in range(5):
             acked.append(engine.add("c", f"write {i}").id)
+        last_acked = engine.last_lsn
+        # Deferred: the last acknowledged add is in the WAL only.
+        assert (engine.status()["lmdb_applied_lsn"] < last_acked) == deferred
+        assert engine.applied_lsn == last_acked
         with pytest.raises(exc_type):
             engine.add("c", "write 5")
         assert faulty.failed
@@ -57,7 +73,7 @@ def test_wal_failure_poisons_engine_and_recovery_keeps_every_ack(
             engine.add("c", "after failure")
         with pytest.raises(Unavailable):
             engine.checkpoint()
-        # Reads keep working.
+        # Reads keep working (deferred adds LMDB never applied included).
         assert engine.get("c", acked[0]).text == "write 0"
     finally:
         engine.close()
@@ -165,7 +181,7 @@ def test_a_full_map_while_the_wal_syncs_applies_the_logged_batch_once(
 ) -> None:
     import lmdb
 
-    with Engine.open(tmp_path) as engine:
+    with Engine.open(tmp_path, settings=IMMEDIATE) as engine:
         engine.create_cube("c", owner="uid:0")
         before = engine.last_lsn
         size = engine.status()["lmdb_map_size"]
@@ -183,7 +199,7 @@ def test_a_full_map_while_the_wal_syncs_applies_the_logged_batch_once(
 def test_a_failing_change_log_write_poisons_but_keeps_the_durable_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with Engine.open(tmp_path) as engine:
+    with Engine.open(tmp_path, settings=IMMEDIATE) as engine:
         engine.create_cube("c", owner="uid:0")
         _fail_change_log_once(monkeypatch, RuntimeError("a bug"))
         item = engine.add("c", "durable in the WAL")  # acknowledged: it is durable

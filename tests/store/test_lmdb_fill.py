@@ -39,6 +39,7 @@ def test_fill_runs_ahead_of_lmdb_and_never_touches_its_pages(tmp_path: Path) -> 
             if i % 7 == 0:
                 engine.delete("c", item.id)
                 del texts[item.id]
+        engine.checkpoint()  # LMDB applies the last deferred adds
         store = engine.store
         data = store.directory / "data.mdb"
         used, size = _used_bytes(store), data.stat().st_size

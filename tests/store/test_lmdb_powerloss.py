@@ -140,8 +140,13 @@ def test_power_loss_around_background_checkpoints_recovers_every_ack(
     garbage (writes during its sync included).
     """
     data = tmp_path / "data"
+    # A transaction per add (no deferred adds): many checkpoints, each with
+    # commits during its sync.
     settings = EngineSettings(
-        checkpoint_interval_s=3600, checkpoint_wal_bytes=1 << 40, checkpoint_txns=40
+        checkpoint_interval_s=3600,
+        checkpoint_wal_bytes=1 << 40,
+        checkpoint_txns=40,
+        deferred_adds=0,
     )
     engine = Engine.open(data, settings=settings, boot_id="boot-A")
     captured: dict[int, bytes] = {}  # LMDB txn id -> data.mdb at capture time
