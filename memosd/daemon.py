@@ -206,6 +206,8 @@ def _engine_settings(settings: Settings) -> EngineSettings:
         initial_map_size=st.initial_map_size,
         max_batch=st.max_batch,
         max_text_bytes=st.max_text_bytes,
+        deferred_adds=st.deferred_adds,
+        deferred_add_max_s=st.deferred_add_max_s,
     )
 
 

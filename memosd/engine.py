@@ -1314,15 +1314,34 @@ class Engine:
         ``payload``, which may reference blobs: acknowledged once durable,
         applied to LMDB with the next few (see ``_run_adds``).
         """
-        if self.settings.deferred_adds <= 0 or "payload" in fields:
-            return self.atomic(lambda p: p.add(cube, text, **fields))
         if self._closed:
             raise Unavailable("the storage engine is closed", reason="closed")
         if self._failure is not None:
             raise _copy_error(self._failure)
-        work = _Work("add", lambda p: p.add(cube, text, **fields), add=(cube, text, fields))
-        result: MemoryItem = self._committer.submit(work)
+        result: MemoryItem = self._committer.submit(self._add_work(cube, text, fields))
         return result
+
+    def add_nowait(
+        self,
+        cube: str,
+        text: str,
+        fields: dict[str, Any],
+        on_done: Callable[[Submission[Any]], None],
+    ) -> None:
+        """:meth:`add` the way :meth:`atomic_nowait` writes (the daemon's ``add``)."""
+        if self._closed:
+            raise Unavailable("the storage engine is closed", reason="closed")
+        if self._failure is not None:
+            raise _copy_error(self._failure)
+        self._committer.submit_nowait(self._add_work(cube, text, fields), on_done)
+
+    def _add_work(self, cube: str, text: str, fields: dict[str, Any]) -> _Work:
+        def plan(p: Planner) -> MemoryItem:
+            return p.add(cube, text, **fields)
+
+        if self.settings.deferred_adds <= 0 or "payload" in fields:
+            return _Work("write", plan)
+        return _Work("add", plan, add=(cube, text, fields))
 
     def update(self, cube: str, item_id: str, **changes: Any) -> MemoryItem:
         """Write a new version with the given fields changed (``Planner.update``)."""

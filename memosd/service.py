@@ -118,6 +118,9 @@ class Write:
     finish: Callable[[Any], Any]
     acl_change: bool = False
     principal: str | None = None  # filled in by Service.start_write
+    # A single add, (cube, text, fields): submitted as ``Engine.add_nowait``
+    # (a deferred add when it can be; ``plan`` does the same add).
+    add: tuple[str, str, dict[str, Any]] | None = None
 
 
 OPS: dict[str, OpSpec] = {}
@@ -439,7 +442,11 @@ class Service:
         ``on_done(submission)`` runs in the committing thread once the batch
         is durable or failed.  Raises at once if the engine refuses writes.
         """
-        self.engine.atomic_nowait(write.plan, on_done)
+        if write.add is not None:
+            cube, text, fields = write.add
+            self.engine.add_nowait(cube, text, fields, on_done)
+        else:
+            self.engine.atomic_nowait(write.plan, on_done)
 
     def finish_write(
         self, write: Write, outcome: Callable[[], Any], *, last_lsn: int | None = None
@@ -900,8 +907,8 @@ def _add(svc: Service, call: Call) -> Write:
     svc.require(call.identity, cube, "write")
     svc.require_writable()
     text, fields = _checked_new_item(svc, text, form, fields)
-    actor = call.identity.principal
-    return Write(lambda p: p.add(cube, text, actor=actor, **fields), item_to_wire)
+    fields["actor"] = call.identity.principal
+    return Write(lambda p: p.add(cube, text, **fields), item_to_wire, add=(cube, text, fields))
 
 
 @op("add_many", write=True)

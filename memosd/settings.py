@@ -272,6 +272,22 @@ class StorageSettings:
         minimum=1,
         maximum=_INT64_MAX,
     )
+    deferred_adds: int = _setting(
+        256,
+        "Adds acknowledged once durable in the WAL and served from memory until LMDB "
+        "applies them together: at most this many wait (0: every add is applied first).",
+        unit="adds",
+        minimum=0,
+        maximum=1_000_000,
+    )
+    deferred_add_max_s: float = _setting(
+        0.005,
+        "Longest a deferred add waits before LMDB applies it (sooner when anything reads "
+        "a scan of its cube, writes otherwise, or checkpoints).",
+        unit="seconds",
+        minimum=0.0,
+        maximum=10.0,
+    )
 
 
 @dataclass(frozen=True, slots=True)

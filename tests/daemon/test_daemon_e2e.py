@@ -399,3 +399,35 @@ def test_small_searches_on_the_event_loop_answer_like_threaded_ones(
     # Item ids differ between the two daemons: compare ranks, scores and components.
     first, second = ([[(s, comp) for _, s, comp in hits] for hits in r] for r in results)
     assert first == second
+
+
+def test_adds_deferred_by_the_engine_read_back_at_once(
+    memosd_daemon_factory: Callable[..., DaemonHandle],
+) -> None:
+    # Adds wait (up to 10 s) for something that needs LMDB to have them.
+    daemon = memosd_daemon_factory(settings={"storage.deferred_add_max_s": 10.0})
+    with daemon.client() as c:
+        c.create_cube("notes")
+        c.add("notes", "first")
+        # A search waits for the caller's writes to be indexed: the indexer
+        # has then built the new cube's index (a scan, which applies adds).
+        assert [h.item.text for h in c.search("notes", "first")] == ["first"]
+        items = [c.add("notes", f"memory {i}", session="s") for i in range(5)]
+        engine = c.status()["engine"]
+        assert engine["deferred_adds"] == 5  # acknowledged, LMDB does not have them yet
+        assert engine["lmdb_applied_lsn"] < engine["applied_lsn"] == engine["last_lsn"]
+        for item in items:
+            assert c.get("notes", item.id) == item
+            assert c.history("notes", item.id) == [item]
+        listed = c.list_items("notes")  # a scan: LMDB applies them first
+        assert [i.id for i in listed][1:] == [i.id for i in items]
+        engine = c.status()["engine"]
+        assert engine["deferred_adds"] == 0
+        assert engine["lmdb_applied_lsn"] == engine["applied_lsn"]
+        updated = c.update("notes", items[0].id, "memory 0, revised")
+        assert updated.version == 2
+    daemon.stop()
+    daemon.start()  # clean restart: nothing left to replay
+    with daemon.client() as c:
+        assert c.status()["engine"]["recovery"]["replayed_records"] == 0
+        assert len(c.list_items("notes")) == 6
