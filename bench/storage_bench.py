@@ -9,7 +9,7 @@ Prints, in one run:
   runs in at least 5 pairs with the floor (floor, zero-filled floor, engine),
   and its ratio to the floor is the median of the per-pair ratios;
 * the same with 64 adds in flight from one thread through completion
-  callbacks (``Engine.atomic_nowait``), the way the daemon's event loop writes;
+  callbacks (``Engine.add_nowait``), the way the daemon's event loop writes;
 * the CPU per acknowledged add with ``fdatasync`` stubbed out (1 and 64
   writers): a load-insensitive view of the Python work per write;
 * recovery time after a power loss of a store holding N records of which M
@@ -128,9 +128,10 @@ def engine_rate_in_flight(
     """Acknowledged adds/s with ``in_flight`` writes outstanding from one thread.
 
     The daemon's way of writing: its event loop submits each client's add
-    with ``Engine.atomic_nowait`` and answers from the completion callback,
-    so no thread blocks per write.  Here one thread keeps ``in_flight``
-    adds submitted (a semaphore slot per write, released by its callback).
+    with ``Engine.add_nowait`` (other writes with ``atomic_nowait``) and
+    answers from the completion callback, so no thread blocks per write.
+    Here one thread keeps ``in_flight`` adds submitted (a semaphore slot per
+    write, released by its callback).
     """
     settings = EngineSettings(checkpoint_interval_s=3600, checkpoint_wal_bytes=1 << 40)
     latencies: list[float] = []
@@ -139,9 +140,6 @@ def engine_rate_in_flight(
         slots = threading.Semaphore(in_flight)
         finished = threading.Event()
         remaining = [total]
-
-        def plan(p: Any) -> Any:
-            return p.add("bench", TEXT)
 
         def done(started: float, sub: Any) -> None:
             sub.outcome()  # raises if the write failed
@@ -154,7 +152,7 @@ def engine_rate_in_flight(
         start = time.perf_counter()
         for _ in range(total):
             slots.acquire()
-            engine.atomic_nowait(plan, functools.partial(done, time.perf_counter()))
+            engine.add_nowait("bench", TEXT, {}, functools.partial(done, time.perf_counter()))
         finished.wait()
         elapsed = time.perf_counter() - start
     return (total / elapsed, *_p50_p99_ms(latencies))

@@ -282,8 +282,8 @@ class StorageSettings:
     )
     deferred_add_max_s: float = _setting(
         0.005,
-        "Longest a deferred add waits before LMDB applies it (sooner when anything reads "
-        "a scan of its cube, writes otherwise, or checkpoints).",
+        "Longest a deferred add waits before LMDB applies it; a scan, any other write or "
+        "a checkpoint has it applied sooner.",
         unit="seconds",
         minimum=0.0,
         maximum=10.0,
