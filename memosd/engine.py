@@ -265,6 +265,7 @@ class Engine:
         self.store.checkpoint(applied)
         replayed = self._replay(applied, on_progress)
         self._index_open_jobs()
+        self._index_classes()
         self._checkpoint_now()
         self._collect_garbage_blobs(grace_s=0)
         self.recovery: dict[str, Any] = {
@@ -319,6 +320,15 @@ class Engine:
         counted: list[int] = []
         self._write_txn(lambda view: counted.append(view.index_open_jobs()))
         _log.info("indexed unfinished jobs", jobs=counted[-1])
+
+    def _index_classes(self) -> None:
+        """Build the (status, tier, form) index of items once, for a store written without it."""
+        with self.store.read() as txn:
+            if StoreView(txn, self.store.dbs).classes_indexed():
+                return
+        counted: list[int] = []
+        self._write_txn(lambda view: counted.append(view.index_classes()))
+        _log.info("indexed item classes", items=counted[-1])
 
     def _replay(self, applied: int, on_progress: Callable[[str], None] | None) -> int:
         replayed = 0

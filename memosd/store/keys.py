@@ -6,6 +6,8 @@ import struct
 
 __all__ = [
     "SEP",
+    "class_key",
+    "class_prefix",
     "cube_prefix",
     "item_key",
     "pack_u32",
@@ -51,6 +53,15 @@ def item_key(cube: str, item_id: str) -> bytes:
 def split_item_key(key: bytes) -> tuple[str, str]:
     cube, _, item_id = key.partition(SEP)
     return cube.decode(), item_id.decode()
+
+
+def class_prefix(cube: str, status: str, tier: str, form: str) -> bytes:
+    """Prefix of the ``classes`` keys of ``cube``'s items with this status, tier and form."""
+    return SEP.join((cube.encode(), status.encode(), tier.encode(), form.encode(), b""))
+
+
+def class_key(cube: str, status: str, tier: str, form: str, item_id: str) -> bytes:
+    return class_prefix(cube, status, tier, form) + item_id.encode()
 
 
 def version_prefix(cube: str, item_id: str) -> bytes:

@@ -52,6 +52,7 @@ DB_NAMES: Final = (
     "changes",
     "jobs",
     "openjobs",
+    "classes",
 )
 
 _META_MAGIC: Final = 0xBEEFC0DE

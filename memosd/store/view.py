@@ -39,9 +39,10 @@ from memosd.store.records import (
 
 __all__ = ["StoreView", "TokenRecord", "payload_blob_refs"]
 
-_PER_ITEM_DBS = ("versions", "latest", "purges", "usage", "grants")
+_PER_ITEM_DBS = ("versions", "latest", "purges", "usage", "grants", "classes")
 _CHANGE_KEY = struct.Struct(">QI")  # keys.pack_u64(lsn) + keys.pack_u32(index)
 _OPEN_JOBS_INDEXED = b"open_jobs_indexed"  # meta key: the openjobs index is complete
+_CLASSES_INDEXED = b"classes_indexed"  # meta key: the classes index is complete
 _VERSION_1: Final = keys.pack_u32(1)
 
 
@@ -236,6 +237,10 @@ class StoreView:
         """
         prefix = keys.cube_prefix(cube)
         start = keys.item_key(cube, after) + b"\x00" if after else prefix
+        if status is not None and tier is not None and form is not None:
+            # One class: read through the ``classes`` index, O(class) not O(cube).
+            yield from self._iter_class(cube, after, status, tier, form)
+            return
         wanted = (status, tier, form)
         filtered = wanted != (None, None, None)
         for key, value in self._scan("latest", prefix, start=start):
@@ -253,6 +258,27 @@ class StoreView:
         if entry is not None and entry.record == raw:
             return entry.base.status, entry.base.tier, entry.base.form
         return codec.decode_item_class(raw)
+
+    def _iter_class(
+        self, cube: str, after: str | None, status: str, tier: str, form: str
+    ) -> Iterator[MemoryItem]:
+        """Latest versions of the items in one (status, tier, form) class, in id order.
+
+        Each entry is checked against the item it names, so a stale entry
+        (none should exist) could only cost time, never list a wrong item.
+        """
+        prefix = keys.class_prefix(cube, status, tier, form)
+        start = prefix + after.encode() + b"\x00" if after else prefix
+        wanted = (status, tier, form)
+        for key, _ in self._scan("classes", prefix, start=start):
+            item = self.latest(cube, key[len(prefix) :].decode())
+            if item is not None and (item.status, item.tier, item.form) == wanted:
+                yield item
+
+    def _record_class(self, vkey: bytes) -> tuple[str, str, str] | None:
+        """(status, tier, form) of the stored version ``vkey``; None if it is not stored."""
+        raw = self._get("versions", vkey)
+        return None if raw is None else self._class_of(vkey, raw)
 
     def purge_record(self, cube: str, item_id: str) -> PurgeRecord | None:
         raw = self._get("purges", keys.item_key(cube, item_id))
@@ -357,12 +383,19 @@ class StoreView:
                 item = mutation.item
                 if payload is None:
                     payload = encode_mutation(mutation)[1]
-                self._put_version(item.cube, item.id, item.version, item.payload, payload)
+                self._put_version(
+                    item.cube,
+                    item.id,
+                    item.version,
+                    item.payload,
+                    payload,
+                    (item.status, item.tier, item.form),
+                )
             case VersionPut():
                 ref = mutation.keys
                 if payload is None:
                     raise TypeError("a VersionPut is applied with its record")
-                self._put_version(ref.cube, ref.id, ref.version, ref.payload, payload)
+                self._put_version(ref.cube, ref.id, ref.version, ref.payload, payload, None)
             case CubePut(cube):
                 self.txn.put(cube.name.encode(), codec.encode_cube(cube), db=self.dbs["cubes"])
                 self._cubes_present.add(cube.name)
@@ -375,6 +408,7 @@ class StoreView:
                     self._delete_prefix(db_name, prefix)
             case ItemPurge(record):
                 key = keys.item_key(record.cube, record.id)
+                self._drop_class(record.cube, record.id)
                 self._release_blobs_under("versions", keys.version_prefix(record.cube, record.id))
                 self._delete_prefix("versions", keys.version_prefix(record.cube, record.id))
                 self.txn.delete(key, db=self.dbs["latest"])
@@ -402,9 +436,20 @@ class StoreView:
                     self.txn.delete(existing.token_hash, db=self.dbs["tokenhash"])
                 self.txn.delete(name.encode(), db=self.dbs["tokens"])
 
-    def _put_version(
-        self, cube: str, item_id: str, version: int, item_payload: Any, record: bytes
+    def _put_version(  # noqa: PLR0917 - the hot path: positional
+        self,
+        cube: str,
+        item_id: str,
+        version: int,
+        item_payload: Any,
+        record: bytes,
+        cls: tuple[str, str, str] | None,
     ) -> None:
+        """Store a version; make it the latest if it is newer (and move the item's class).
+
+        ``cls`` is the version's (status, tier, form), read from ``record``
+        when None.
+        """
         # One LMDB call per write, not a lookup and a put: every py-lmdb call
         # releases the GIL, which costs a thread switch when other threads
         # wait for it (64 writers: their callers).  ``overwrite=False`` stores
@@ -418,11 +463,51 @@ class StoreView:
             self._add_blob_ref(sha, +1)
         if version == 1:
             # Any stored latest version is >= 1: keep it, else point at 1.
-            put(ikey, _VERSION_1, overwrite=False, db=self.dbs["latest"])
+            if put(ikey, _VERSION_1, overwrite=False, db=self.dbs["latest"]):
+                status, tier, form = cls or codec.decode_item_class(record)
+                put(keys.class_key(cube, status, tier, form, item_id), b"", db=self.dbs["classes"])
             return
         raw = self._get("latest", ikey)
         if raw is None or keys.unpack_u32(raw) < version:
             put(ikey, keys.pack_u32(version), db=self.dbs["latest"])
+            new_cls = cls or codec.decode_item_class(record)
+            old_cls = None if raw is None else self._record_class(ikey + keys.SEP + raw)
+            if old_cls != new_cls:  # the usual update keeps its class: no page written
+                if old_cls is not None:
+                    self.txn.delete(keys.class_key(cube, *old_cls, item_id), db=self.dbs["classes"])
+                put(keys.class_key(cube, *new_cls, item_id), b"", db=self.dbs["classes"])
+
+    def _drop_class(self, cube: str, item_id: str, latest_vkey: bytes | None = None) -> None:
+        """Remove the item's ``classes`` entry (that of its latest version)."""
+        if latest_vkey is None:
+            raw = self._get("latest", keys.item_key(cube, item_id))
+            if raw is None:
+                return
+            latest_vkey = keys.item_key(cube, item_id) + keys.SEP + raw
+        found = self._record_class(latest_vkey)
+        if found is not None:
+            self.txn.delete(keys.class_key(cube, *found, item_id), db=self.dbs["classes"])
+
+    # -- the classes index ------------------------------------------------------------
+
+    def classes_indexed(self) -> bool:
+        return self._get("meta", _CLASSES_INDEXED) is not None
+
+    def index_classes(self) -> int:
+        """(Re)build the ``classes`` index from every item's latest version; returns its size.
+
+        Stores written before the index existed get it once, at open.
+        """
+        self._delete_prefix("classes", b"")
+        count = 0
+        for key, value in self._scan("latest", b""):
+            found = self._record_class(key + keys.SEP + value)
+            if found is not None:
+                cube, item_id = keys.split_item_key(key)
+                self.txn.put(keys.class_key(cube, *found, item_id), b"", db=self.dbs["classes"])
+                count += 1
+        self.txn.put(_CLASSES_INDEXED, b"1", db=self.dbs["meta"])
+        return count
 
     # -- jobs ---------------------------------------------------------------------------
 
