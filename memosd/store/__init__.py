@@ -42,10 +42,15 @@ principals cannot contain it, item ids are 26-character ULIDs)::
     blobrefs  sha256 hex                 -> u64 number of stored versions referencing it
     changes   u64be(lsn) u32be(index)    -> msgpack [kind, cube, item_id, version, operation]
     jobs      job id                     -> scheduler.jobs.encode_job (durable job state)
+    openjobs  job id                     -> b""  (jobs not ended yet)
+    classes   cube \\0 status \\0 tier \\0 form \\0 id -> b""  (each item under its
+              latest version's class: tier scans read one class, not the cube)
 
 ``meta`` also holds ``consumer:<name>`` (the LSN a derived index has durably
-processed, see ``Engine.set_consumer_lsn``) and ``changes_horizon`` (the
-highest LSN pruned from ``changes``).
+processed, see ``Engine.set_consumer_lsn``), ``changes_horizon`` (the
+highest LSN pruned from ``changes``) and the marks that ``openjobs`` and
+``classes`` are complete (a store written before them gets them built once,
+at open).
 
 Blob files live beside the store in ``<data_dir>/blobs`` (``memosd.store.blobs``).
 
