@@ -418,6 +418,8 @@ class ItemKeys(NamedTuple):
     status: str
     operation: str
     payload: dict[str, Any] | None
+    tier: str
+    form: str
 
 
 def decode_item_keys(data: _BytesLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ItemKeys:
@@ -431,14 +433,16 @@ def decode_item_keys(data: _BytesLike, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
     _check_header(r, "item", _ITEM_KEYS)
     try:
         id_, cube, version, status = _item_keys_from(r)
-        prov, payload = r["prov"], r["pl"]
+        prov, payload, tier, form = r["prov"], r["pl"], r["tier"], r["form"]
     except KeyError as exc:
         raise CodecError(f"item record lacks field {exc}") from None
     if not _is_seq(prov) or len(prov) != 5 or type(prov[4]) is not str or prov[4] not in OPERATIONS:
         _bad("item", "prov")
     if payload is not None and not _is_map(payload):
         _bad("item", "pl")
-    return ItemKeys(cube, id_, version, status, prov[4], payload)
+    if type(tier) is not str or type(form) is not str:
+        _bad("item", "tier/form")
+    return ItemKeys(cube, id_, version, status, prov[4], payload, tier, form)
 
 
 def decode_item_class(

@@ -395,7 +395,14 @@ class StoreView:
                 ref = mutation.keys
                 if payload is None:
                     raise TypeError("a VersionPut is applied with its record")
-                self._put_version(ref.cube, ref.id, ref.version, ref.payload, payload, None)
+                self._put_version(
+                    ref.cube,
+                    ref.id,
+                    ref.version,
+                    ref.payload,
+                    payload,
+                    (ref.status, ref.tier, ref.form),
+                )
             case CubePut(cube):
                 self.txn.put(cube.name.encode(), codec.encode_cube(cube), db=self.dbs["cubes"])
                 self._cubes_present.add(cube.name)
@@ -443,13 +450,10 @@ class StoreView:
         version: int,
         item_payload: Any,
         record: bytes,
-        cls: tuple[str, str, str] | None,
+        cls: tuple[str, str, str],
     ) -> None:
-        """Store a version; make it the latest if it is newer (and move the item's class).
-
-        ``cls`` is the version's (status, tier, form), read from ``record``
-        when None.
-        """
+        """Store a version; make it the latest if it is newer (and file the item
+        under ``cls``, the version's (status, tier, form))."""
         # One LMDB call per write, not a lookup and a put: every py-lmdb call
         # releases the GIL, which costs a thread switch when other threads
         # wait for it (64 writers: their callers).  ``overwrite=False`` stores
@@ -464,18 +468,16 @@ class StoreView:
         if version == 1:
             # Any stored latest version is >= 1: keep it, else point at 1.
             if put(ikey, _VERSION_1, overwrite=False, db=self.dbs["latest"]):
-                status, tier, form = cls or codec.decode_item_class(record)
-                put(keys.class_key(cube, status, tier, form, item_id), b"", db=self.dbs["classes"])
+                put(keys.class_key(cube, *cls, item_id), b"", db=self.dbs["classes"])
             return
         raw = self._get("latest", ikey)
         if raw is None or keys.unpack_u32(raw) < version:
             put(ikey, keys.pack_u32(version), db=self.dbs["latest"])
-            new_cls = cls or codec.decode_item_class(record)
             old_cls = None if raw is None else self._record_class(ikey + keys.SEP + raw)
-            if old_cls != new_cls:  # the usual update keeps its class: no page written
+            if old_cls != cls:  # the usual update keeps its class: no page written
                 if old_cls is not None:
                     self.txn.delete(keys.class_key(cube, *old_cls, item_id), db=self.dbs["classes"])
-                put(keys.class_key(cube, *new_cls, item_id), b"", db=self.dbs["classes"])
+                put(keys.class_key(cube, *cls, item_id), b"", db=self.dbs["classes"])
 
     def _drop_class(self, cube: str, item_id: str, latest_vkey: bytes | None = None) -> None:
         """Remove the item's ``classes`` entry (that of its latest version)."""

@@ -256,6 +256,8 @@ def test_item_keys_read_the_same_fields_as_the_full_decode(item: MemoryItem) -> 
         item.status,
         item.provenance.operation,
         item.payload,
+        item.tier,
+        item.form,
     )
 
 
