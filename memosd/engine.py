@@ -368,12 +368,22 @@ class Engine:
         self._last_us = last
         return last
 
-    def _submit(self, plan: Plan) -> Any:
+    def _submit(self, work: _Work) -> Any:
+        """Run ``work`` in a batch (blocking); its result, or its error."""
+        self._check_writable()
+        return self._committer.submit(work)
+
+    def _submit_nowait(self, work: _Work, on_done: Callable[[Submission[Any]], None]) -> None:
+        """Queue ``work``; ``on_done`` runs once its batch is durable or failed."""
+        self._check_writable()
+        self._committer.submit_nowait(work, on_done)
+
+    def _check_writable(self) -> None:
+        """Raise at once if the engine is closed or refusing writes."""
         if self._closed:
             raise Unavailable("the storage engine is closed", reason="closed")
         if self._failure is not None:
             raise _copy_error(self._failure)
-        return self._committer.submit(_Work("write", plan))
 
     def _process_batch(self, batch: list[_Op]) -> None:
         """Run one group-commit batch (in the current leader's thread)."""
@@ -1267,7 +1277,7 @@ class Engine:
         batch's transaction; everything it writes commits together or not at
         all.  Used by jobs so their effects and their success are one commit.
         """
-        result: T = self._submit(fn)
+        result: T = self._submit(_Work("write", fn))
         return result
 
     def atomic_nowait(
@@ -1281,11 +1291,7 @@ class Engine:
         write; a standby thread leads when nobody else does.  Raises at once
         if the engine is closed or refusing writes.
         """
-        if self._closed:
-            raise Unavailable("the storage engine is closed", reason="closed")
-        if self._failure is not None:
-            raise _copy_error(self._failure)
-        self._committer.submit_nowait(_Work("write", fn), on_done)
+        self._submit_nowait(_Work("write", fn), on_done)
 
     def atomic_future(self, fn: Callable[[Planner], T]) -> Future[T]:
         """:meth:`atomic_nowait` with a future (resolved in the committing thread)."""
@@ -1324,11 +1330,7 @@ class Engine:
         ``payload``, which may reference blobs: acknowledged once durable,
         applied to LMDB with the next few (see ``_run_adds``).
         """
-        if self._closed:
-            raise Unavailable("the storage engine is closed", reason="closed")
-        if self._failure is not None:
-            raise _copy_error(self._failure)
-        result: MemoryItem = self._committer.submit(self._add_work(cube, text, fields))
+        result: MemoryItem = self._submit(self._add_work(cube, text, fields))
         return result
 
     def add_nowait(
@@ -1339,11 +1341,7 @@ class Engine:
         on_done: Callable[[Submission[Any]], None],
     ) -> None:
         """:meth:`add` the way :meth:`atomic_nowait` writes (the daemon's ``add``)."""
-        if self._closed:
-            raise Unavailable("the storage engine is closed", reason="closed")
-        if self._failure is not None:
-            raise _copy_error(self._failure)
-        self._committer.submit_nowait(self._add_work(cube, text, fields), on_done)
+        self._submit_nowait(self._add_work(cube, text, fields), on_done)
 
     def _add_work(self, cube: str, text: str, fields: dict[str, Any]) -> _Work:
         def plan(p: Planner) -> MemoryItem:
