@@ -264,8 +264,7 @@ class Engine:
         # Pin the current snapshot before replay writes anything (store docs).
         self.store.checkpoint(applied)
         replayed = self._replay(applied, on_progress)
-        self._index_open_jobs()
-        self._index_classes()
+        self._build_missing_indexes()
         self._checkpoint_now()
         self._collect_garbage_blobs(grace_s=0)
         self.recovery: dict[str, Any] = {
@@ -312,23 +311,26 @@ class Engine:
 
     # ------------------------------------------------------------------ recovery
 
-    def _index_open_jobs(self) -> None:
-        """Build the index of unfinished jobs once, for a store written without it."""
-        with self.store.read() as txn:
-            if StoreView(txn, self.store.dbs).open_jobs_indexed():
-                return
-        counted: list[int] = []
-        self._write_txn(lambda view: counted.append(view.index_open_jobs()))
-        _log.info("indexed unfinished jobs", jobs=counted[-1])
+    def _build_missing_indexes(self) -> None:
+        """Build, once, the indexes a store written before them lacks."""
+        jobs = self._build_index_once(StoreView.open_jobs_indexed, StoreView.index_open_jobs)
+        if jobs is not None:
+            _log.info("indexed unfinished jobs", jobs=jobs)
+        items = self._build_index_once(StoreView.classes_indexed, StoreView.index_classes)
+        if items is not None:
+            _log.info("indexed item classes", items=items)
 
-    def _index_classes(self) -> None:
-        """Build the (status, tier, form) index of items once, for a store written without it."""
+    def _build_index_once(
+        self, indexed: Callable[[StoreView], bool], build: Callable[[StoreView], int]
+    ) -> int | None:
+        """Run ``build`` (it returns the entries it made) in a write txn unless
+        the store is already ``indexed``; its count, or None if it did not run."""
         with self.store.read() as txn:
-            if StoreView(txn, self.store.dbs).classes_indexed():
-                return
+            if indexed(StoreView(txn, self.store.dbs)):
+                return None
         counted: list[int] = []
-        self._write_txn(lambda view: counted.append(view.index_classes()))
-        _log.info("indexed item classes", items=counted[-1])
+        self._write_txn(lambda view: counted.append(build(view)))
+        return counted[-1]
 
     def _replay(self, applied: int, on_progress: Callable[[str], None] | None) -> int:
         replayed = 0

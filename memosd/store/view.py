@@ -479,14 +479,12 @@ class StoreView:
                     self.txn.delete(keys.class_key(cube, *old_cls, item_id), db=self.dbs["classes"])
                 put(keys.class_key(cube, *cls, item_id), b"", db=self.dbs["classes"])
 
-    def _drop_class(self, cube: str, item_id: str, latest_vkey: bytes | None = None) -> None:
+    def _drop_class(self, cube: str, item_id: str) -> None:
         """Remove the item's ``classes`` entry (that of its latest version)."""
-        if latest_vkey is None:
-            raw = self._get("latest", keys.item_key(cube, item_id))
-            if raw is None:
-                return
-            latest_vkey = keys.item_key(cube, item_id) + keys.SEP + raw
-        found = self._record_class(latest_vkey)
+        raw = self._get("latest", keys.item_key(cube, item_id))
+        if raw is None:
+            return
+        found = self._record_class(keys.item_key(cube, item_id) + keys.SEP + raw)
         if found is not None:
             self.txn.delete(keys.class_key(cube, *found, item_id), db=self.dbs["classes"])
 
