@@ -522,14 +522,8 @@ class Engine:
             return
         entries = list(deferred.values())
         events = [_event_for(entry.mutation, entry.lsn) for entry in entries]
-
-        def apply(view: StoreView) -> None:
-            for entry in entries:
-                view.apply(entry.mutation, entry.payload)
-            _record_logged(view, events)
-
         try:
-            self._write_txn(apply)
+            self._apply_logged([(e.mutation, e.payload) for e in entries], events)
         except MemosError as exc:
             self._poison(exc)
             return
@@ -745,6 +739,13 @@ class Engine:
         """Grow the map, then apply a logged batch in a fresh transaction (growing
         again while it does not fit)."""
         self.store.grow_map()
+        return self._apply_logged(mutations, events)
+
+    def _apply_logged(
+        self, mutations: list[tuple[Mutation, bytes]], events: list[ChangeEvent]
+    ) -> StoreView:
+        """Apply logged mutations, their change log and applied LSN in one
+        transaction (growing the map while it does not fit); its view."""
 
         def apply(view: StoreView) -> None:
             for mutation, payload in mutations:
